@@ -1,0 +1,113 @@
+"""Evaluate a policy on BFCL v3 multi-turn: k rollouts per task, Avg@k and Best@k (the paper's metrics).
+
+    python eval.py --bench bfcl --split test --k 4 --limit 5 --out runs/eval-initial
+    python eval.py --compare runs/eval-initial runs/eval-hintsd      # Table-1 style comparison of saved runs
+
+Writes DIR/trajectories.jsonl (one line per rollout: messages, token ids, steps, reward) and DIR/summary.json.
+"""
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import envs
+import hintsd
+
+
+def pass_at_k_summary(results: list[dict]) -> dict:
+    """results: one dict per rollout with task_id, category, reward.
+    Avg@k = mean success over all rollouts; Best@k = share of tasks where any of the k rollouts succeeded."""
+    by_task = defaultdict(list)
+    cat_of = {}
+    for r in results:
+        by_task[r["task_id"]].append(r["reward"])
+        cat_of[r["task_id"]] = r["category"]
+
+    def summarize(task_ids):
+        runs = [x for t in task_ids for x in by_task[t]]
+        return {"tasks": len(task_ids), "rollouts": len(runs),
+                "avg_at_k": 100 * sum(runs) / max(len(runs), 1),
+                "best_at_k": 100 * sum(max(by_task[t]) > 0 for t in task_ids) / max(len(task_ids), 1)}
+
+    out = {"overall": summarize(list(by_task))}
+    for cat in sorted(set(cat_of.values())):
+        out[cat] = summarize([t for t in by_task if cat_of[t] == cat])
+    return out
+
+
+def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, action_format: str = "json",
+             seed: int = 0, out_dir: Path | None = None, desc: str = "eval") -> dict:
+    """k rollouts per task, batched per task so the shared prompt is prefilled once. Returns the summary."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    results, started = [], time.time()
+    sink = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sink = open(out_dir / "trajectories.jsonl", "w")
+    bar = tqdm(tasks, desc=desc, unit="task")
+    tokbar = tqdm(desc="  sampled", unit="tok", leave=False)
+    for task in bar:
+        trajs = hintsd.rollout(model, tok, [envs.make_env(task, action_format) for _ in range(k)], cfg, gen, tokbar)
+        for t in trajs:
+            results.append({"task_id": t.task_id, "category": t.category, "reward": t.reward})
+            if sink:
+                sink.write(json.dumps(t.to_json()) + "\n")
+                sink.flush()
+        s = pass_at_k_summary(results)["overall"]
+        bar.set_postfix(avg=f"{s['avg_at_k']:.1f}", best=f"{s['best_at_k']:.1f}")
+    tokbar.close()
+    summary = {**pass_at_k_summary(results), "k": k, "action_format": action_format,
+               "seconds": round(time.time() - started, 1)}
+    if sink:
+        sink.close()
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def compare(dirs: list[str]) -> str:
+    """Markdown table in the layout of the paper's Table 1 from saved summary.json files."""
+    lines = ["| run | tasks | Avg@k | Best@k |", "|---|---|---|---|"]
+    for d in dirs:
+        s = json.loads((Path(d) / "summary.json").read_text())
+        o = s["overall"]
+        lines.append(f"| {Path(d).name} | {o['tasks']} | {o['avg_at_k']:.2f} | {o['best_at_k']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default="bfcl", choices=envs.BENCHES, help="benchmark")
+    ap.add_argument("--split", default="test", choices=envs.SPLITS, help="task split (paper split, seed 42)")
+    ap.add_argument("--k", type=int, default=4, help="rollouts per task (Avg@k / Best@k)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N tasks of the split")
+    ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, or 'embedded'")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--action-format", default="json", choices=envs.ACTION_FORMATS,
+                    help="json: the chat template's <tool_call> format; python: BFCL's [f(a=1)] list")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="per assistant action")
+    ap.add_argument("--max-len", type=int, default=24576, help="context limit of one trajectory in tokens")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output dir (default runs/eval-<split>)")
+    ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print a table of saved runs and exit")
+    args = ap.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare))
+        return
+    tasks = envs.load_tasks(args.bench, args.split)[: args.limit]
+    model, tok = hintsd.load_model(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None)
+    cfg = hintsd.SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len)
+    out = Path(args.out or f"runs/eval-{args.split}")
+    summary = evaluate(model, tok, tasks, args.k, cfg, args.action_format, args.seed, out)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
