@@ -9,7 +9,8 @@
 
 A step whose text holds at least one call executes the calls and returns one tool message per call
 (errors included, as "Error: ..."). A step without any call attempt ends the user turn. Two action formats:
-  json:   <tool_call>{"name": "cd", "arguments": {"folder": "docs"}}</tool_call>  (one block per call)
+  json:   <tool_call>{"name": "cd", "arguments": {"folder": "docs"}}</tool_call>  (one block per call;
+          a reply that is only bare JSON call objects, as small models often write, counts too)
   python: [cd(folder="docs"), ls(a=True)]                                      (keyword literals only)
 
 max_steps caps the assistant steps of the whole episode (official BFCL caps 20 steps per user turn). As in
@@ -151,13 +152,7 @@ def _check_call(name, args):
     return None
 
 
-def _parse_json_block(block):
-    block = block.strip()
-    try:
-        obj = json.loads(block)
-    except json.JSONDecodeError:
-        i, j = block.find("{"), block.rfind("}")  # tolerate code fences or chatter around the object
-        obj = json.loads(block[i:j + 1]) if 0 <= i < j else json.loads(block)
+def _call_from_obj(obj):
     if not isinstance(obj, dict) or "name" not in obj:
         raise ValueError('expected {"name": ..., "arguments": {...}}')
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -166,20 +161,53 @@ def _parse_json_block(block):
     return obj["name"], args
 
 
+def _parse_json_block(block):
+    block = block.strip()
+    try:
+        obj = json.loads(block)
+    except json.JSONDecodeError:
+        i, j = block.find("{"), block.rfind("}")  # tolerate code fences or chatter around the object
+        obj = json.loads(block[i:j + 1]) if 0 <= i < j else json.loads(block)
+    return _call_from_obj(obj)
+
+
+def _bare_json_objects(text):
+    """Small models often drop the <tool_call> tags. A reply that is nothing but JSON call objects
+    (optionally in a code fence, one after another or as a list) still counts as calls; None otherwise."""
+    body = re.sub(r"^```[a-z]*\s*|\s*```$", "", text.strip())
+    if not body.startswith(("{", "[")) or '"name"' not in body:
+        return None
+    dec, objs, i = json.JSONDecoder(), [], 0
+    while i < len(body):
+        obj, i = dec.raw_decode(body, i)
+        objs += obj if isinstance(obj, list) else [obj]
+        while i < len(body) and body[i] in " \t\r\n,":
+            i += 1
+    return objs
+
+
+def _check_calls(calls):
+    for name, args in calls:
+        if err := _check_call(name, args):
+            return [], err
+    return calls, None
+
+
 def _parse_json(text):
     if "<tool_call>" not in text:
-        return [], None
+        try:
+            objs = _bare_json_objects(text)
+            return ([], None) if objs is None else _check_calls([_call_from_obj(o) for o in objs])
+        except (ValueError, TypeError, RecursionError) as e:
+            return [], f"could not parse the call {text.strip()[:200]!r}: {e}"
     blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.DOTALL)
     calls = []
     for block in blocks:
         try:
-            name, args = _parse_json_block(block)
+            calls.append(_parse_json_block(block))
         except (ValueError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
             return [], f"could not parse tool call {block.strip()[:200]!r}: {e}"
-        if err := _check_call(name, args):
-            return [], err
-        calls.append((name, args))
-    return calls, None
+    return _check_calls(calls)
 
 
 def _calls_from_ast(node, allow_positional=False):
@@ -224,13 +252,9 @@ def _parse_python(text):
             error = str(e)
             continue
         try:
-            calls = _calls_from_ast(node)
+            return _check_calls(_calls_from_ast(node))
         except ValueError as e:
             return [], str(e)
-        for name, args in calls:
-            if err := _check_call(name, args):
-                return [], err
-        return calls, None
     return [], f"could not parse the call list: {error}"
 
 
@@ -381,3 +405,34 @@ class BFCLEnv:
         """Assistant text issuing the ground-truth calls of `turn` (NO_CALL_TEXT when it has none)."""
         calls = self.ground_truth_calls(turn)
         return format_calls(calls, self.action_format) if calls else NO_CALL_TEXT
+
+
+# -----------------------------------------------------------------------------
+# ground-truth "oracle" hindsight
+
+
+def oracle_feedback(task, steps, action_format="json"):
+    """An upper bound for the hindsight analyzer: the first step whose calls leave the ground-truth path,
+    with feedback that names the correct call. steps: [(turn, assistant_text)] in order. Returns
+    [(step_number_1_based, feedback)] (one entry), or [] when no step diverges."""
+    env = BFCLEnv(task, action_format)
+    turns = {}
+    for i, (turn, text) in enumerate(steps, 1):
+        turns.setdefault(turn, []).append((i, text))
+    for turn, items in sorted(turns.items()):
+        gt, done = env.ground_truth_calls(turn), 0
+        for i, text in items:
+            calls, error = parse_calls(text, action_format)
+            want = call_to_str(*gt[done]) if done < len(gt) else None
+            if error is not None:
+                return [(i, f"Your call could not be run ({error[:150]}). "
+                            + (f"You should call {want}." if want else "You should answer in plain text."))]
+            if not calls and want:
+                return [(i, f"The request is not done yet: you should call {want}.")]
+            for c in calls:
+                if done < len(gt) and c == gt[done]:
+                    done += 1
+                    continue
+                return [(i, f"You should call {want} instead of {call_to_str(*c)}." if want else
+                            f"You should not call {call_to_str(*c)}: the request is already done; answer in plain text.")]
+    return []

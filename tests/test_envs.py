@@ -212,3 +212,29 @@ def test_checker_globals_do_not_grow(all_tasks):
         replay_ground_truth(env)
         env.reward()  # twice on the same env: a fresh checker state each time
     assert set(vars(multi_turn_utils)) == before
+
+
+def test_bare_json_calls_without_tags_count_as_calls():
+    """Qwen2.5-Coder-0.5B often writes the call object without <tool_call> tags, sometimes fenced."""
+    for text in ['{"name": "cd", "arguments": {"folder": "docs"}}',
+                 '```json\n{"name": "cd", "arguments": {"folder": "docs"}}\n```',
+                 '[{"name": "cd", "arguments": {"folder": "docs"}}, {"name": "ls", "arguments": {}}]',
+                 '{"name": "cd", "arguments": {"folder": "docs"}}\n{"name": "ls", "arguments": {}}']:
+        calls, err = envs.parse_calls(text, "json")
+        assert err is None and calls[0] == ("cd", {"folder": "docs"}), text
+    assert envs.parse_calls("I moved to docs. {not json}", "json") == ([], None)  # prose ends the turn
+    calls, err = envs.parse_calls('{"name": "cd", "arguments": {"folder": ', "json")
+    assert calls == [] and "could not parse" in err
+
+
+def test_oracle_points_at_the_first_diverging_step():
+    task = next(t for t in envs.load_tasks("bfcl", "train") if len(t["ground_truth"][0]) >= 2)
+    env = envs.make_env(task)
+    gt = env.ground_truth_calls(0)
+    good = envs.format_calls(gt[:1], "json")
+    bad = envs.format_calls([("definitely_wrong", {})], "json")
+    assert envs.oracle_feedback(task, [(0, good), (0, bad)]) == [
+        (2, f"You should call {envs.call_to_str(*gt[1])} instead of definitely_wrong().")]
+    assert envs.oracle_feedback(task, [(0, "I am done.")])[0][0] == 1
+    replay = [(turn, env.ground_truth_action(turn)) for turn in range(len(task["turns"]))]
+    assert envs.oracle_feedback(task, replay) == []
