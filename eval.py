@@ -41,7 +41,7 @@ def pass_at_k_summary(results: list[dict]) -> dict:
 
 
 def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, action_format: str = "json",
-             seed: int = 0, out_dir: Path | None = None, desc: str = "eval") -> dict:
+             max_env_steps: int = 20, seed: int = 0, out_dir: Path | None = None, desc: str = "eval") -> dict:
     """k rollouts per task, batched per task so the shared prompt is prefilled once. Returns the summary."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     results, started = [], time.time()
@@ -52,7 +52,7 @@ def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, 
     bar = tqdm(tasks, desc=desc, unit="task")
     tokbar = tqdm(desc="  sampled", unit="tok", leave=False)
     for task in bar:
-        trajs = hintsd.rollout(model, tok, [envs.make_env(task, action_format) for _ in range(k)], cfg, gen, tokbar)
+        trajs = hintsd.rollout(model, tok, [envs.make_env(task, action_format, max_env_steps) for _ in range(k)], cfg, gen, tokbar)
         for t in trajs:
             results.append({"task_id": t.task_id, "category": t.category, "reward": t.reward})
             if sink:
@@ -61,7 +61,7 @@ def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, 
         s = pass_at_k_summary(results)["overall"]
         bar.set_postfix(avg=f"{s['avg_at_k']:.1f}", best=f"{s['best_at_k']:.1f}")
     tokbar.close()
-    summary = {**pass_at_k_summary(results), "k": k, "action_format": action_format,
+    summary = {**pass_at_k_summary(results), "k": k, "action_format": action_format, "max_env_steps": max_env_steps,
                "seconds": round(time.time() - started, 1)}
     if sink:
         sink.close()
@@ -94,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--max-new-tokens", type=int, default=256, help="per assistant action")
     ap.add_argument("--max-len", type=int, default=24576, help="context limit of one trajectory in tokens")
+    ap.add_argument("--max-env-steps", type=int, default=20, help="assistant steps per episode")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output dir (default runs/eval-<split>)")
     ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print a table of saved runs and exit")
@@ -105,7 +106,7 @@ def main(argv=None):
     model, tok = hintsd.load_model(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None)
     cfg = hintsd.SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len)
     out = Path(args.out or f"runs/eval-{args.split}")
-    summary = evaluate(model, tok, tasks, args.k, cfg, args.action_format, args.seed, out)
+    summary = evaluate(model, tok, tasks, args.k, cfg, args.action_format, args.max_env_steps, args.seed, out)
     print(json.dumps(summary, indent=2))
 
 

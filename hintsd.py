@@ -518,8 +518,10 @@ def analyzer_feedback(model, tok, trajs: list[Trajectory], k: int, max_new_token
         outs += generate(model, tok, ids[i:i + 4], max_new_tokens, temperature=0.0)
     parsed = []
     for t, c in zip(trajs, outs):
-        p = prompts.parse_analysis(tok.decode(c.tokens, skip_special_tokens=True), len(t.steps), k)
+        text = tok.decode(c.tokens, skip_special_tokens=True)
+        p = prompts.parse_analysis(text, len(t.steps), k)
         stats["parse_failures"] += not p
+        stats.setdefault("analyses", []).append(text)
         parsed.append(p)
     return parsed
 
@@ -714,7 +716,7 @@ def merge_and_save(model, out_dir: Path) -> None:
 PRESETS = {
     "paper": dict(steps=None, epochs=15, tasks_per_step=2, rollouts=4, limit=None, lr=5e-6, max_new_tokens=512,
                   analyzer_tokens=512, max_len=24576, max_env_steps=20, after_check=False),
-    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, limit=2, lr=1e-4, max_new_tokens=64,
+    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, limit=2, lr=1e-5, max_new_tokens=96,
                 analyzer_tokens=128, max_len=8192, max_env_steps=4, after_check=True),
 }
 
@@ -780,6 +782,9 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
         row["kl_after"] = after["kl_sum"] / max(after["tokens"], 1)
         row["teacher_top1_logp_after"] = after["teacher_top1_logp_sum"] / max(after["tokens"], 1)
     row["peak_mem_gb"] = peak_memory_gb(model.device)
+    row["_rollouts"] = [{**t.to_json(), "targets": [tg.__dict__ for tg in targets if tg.traj == i]}
+                        for i, t in enumerate(trajs)]
+    row["_analyses"] = st.get("analyses", [])
     return row
 
 
@@ -846,7 +851,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None)
     params = trainable_params(model, a.lora_rank, a.lora_alpha)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     shadows = {"ema": Shadow(params)}
     if a.feedback == "initial":
         shadows["initial"] = Shadow(params)
@@ -861,14 +866,17 @@ def main(argv=None):
     tasks_by_id = {t["id"]: t for t in tasks}
     print(f"[hintsd] {a.bench}: {len(tasks)} train tasks, {steps} steps, variant={a.variant}, "
           f"feedback={a.feedback}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable params", file=sys.stderr)
-    with open(out / "metrics.jsonl", "a") as log:
+    with open(out / "metrics.jsonl", "a") as log, open(out / "rollouts.jsonl", "a") as rlog:
         for step in tqdm(range(start, steps), desc="hintsd", unit="step", initial=start, total=steps):
             batch = tasks_for_step(tasks, step, a.tasks_per_step, a.seed)
             row = {"step": step + 1, "epoch": step * a.tasks_per_step // len(tasks) + 1,
                    "tasks": [t["id"] for t in batch]}
             row.update(train_step(model, tok, batch, a, params, shadows, opt, gen, tasks_by_id))
+            rlog.write(json.dumps({"step": step + 1, "rollouts": row.pop("_rollouts"),
+                                   "analyses": row.pop("_analyses")}) + "\n")
             log.write(json.dumps(row) + "\n")
             log.flush()
+            rlog.flush()
             save_checkpoint(out, step + 1, params, shadows, opt, gen, vars(a))
             tqdm.write(summary_line(row))
     if a.merge:

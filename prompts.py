@@ -103,7 +103,8 @@ Rules:
 - Use the step numbers shown in the run (1 to {n}).
 - For each step, write one or two sentences to the agent that say what it should have done at that step. Start with "You should".
 - Answer with JSON only, earliest step first, in this form:
-{{"failures": [{{"step": 2, "feedback": "You should call get_user(id=7) first, because the transfer needs the user's account number."}}]}}"""
+{{"failures": [{{"step": <step number>, "feedback": "You should <the right action for that step>."}}]}}
+Replace the <...> parts with your own analysis of this run."""
 
 def analyzer_messages(messages: list[dict], reward: float, k: int = 3,
                       tool_names: list[str] | None = None) -> list[dict]:

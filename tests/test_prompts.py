@@ -102,10 +102,14 @@ def test_analyzer_messages(k):
     assert "1 to 4" in user                            # the valid step range
 
 
-def test_analyzer_example_parses_with_our_parser():
+def test_analyzer_example_is_a_template_that_a_verbatim_copy_cannot_pass():
+    """Small models copy examples. A concrete example once came back verbatim as 'the' analysis for every
+    rollout; with placeholders a copy is a counted parse failure instead of a fake target."""
     user = analyzer_messages(chat(3), 0.0)[-1]["content"]
     example = user[user.rindex('{"failures"'):]
-    assert parse_analysis(example, n_steps=3)[0][0] == 2
+    assert "<step number>" in example and parse_analysis(example, n_steps=3) == []
+    filled = example.replace("<step number>", "2").replace("<the right action for that step>", "call ls")
+    assert parse_analysis(filled, n_steps=3) == [(2, "You should call ls.")]
 
 
 def test_feedback_message():

@@ -1,0 +1,126 @@
+"""Time and peak memory of one HINT-SD update against full-trajectory distillation and a naive teacher.
+
+    python bench/step.py [--model embedded] [--trajs FILE.jsonl] [--k 3]
+
+All three run on the same failed rollouts, in one run, each in a fresh subprocess (so each peak-RSS figure
+is its own; on CUDA, torch's peak allocation):
+  hintsd  K targets per failed rollout; one student forward truncated after the last target; the teacher
+          runs the shared prefix once and reuses its KV cache for every target.
+  full    SDPO-style: the same feedback placed once at the start of the trajectory; the student is
+          distilled on every action token of the failed rollout.
+  naive   hintsd's targets, but the teacher recomputes the whole prefix for every target.
+Targets are K steps evenly spaced over each failed rollout, so the analyzer's choice does not enter the timing.
+Without --trajs, failed rollouts are sampled first (and saved to runs/bench-step/trajs.jsonl).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hintsd  # noqa: E402
+
+FEEDBACK = "You should check the current directory contents with ls before acting on a file."
+
+
+def spread_steps(n: int, k: int) -> list[int]:
+    """k distinct step indices evenly spread over n steps (0-based)."""
+    return sorted({min(n - 1, round((i + 1) * n / (k + 1))) for i in range(k)})
+
+
+def full_trajectory_update(model, tok, t, teacher, fb_ids):
+    """SDPO-style: teacher = feedback message inserted before the first action, student = the rollout;
+    reverse KL on every action token of the trajectory."""
+    first = t.steps[0].header
+    t_ids = t.tokens[:first] + fb_ids + t.tokens[first:t.steps[-1].end]
+    with teacher, torch.no_grad():
+        h = model.base_model(input_ids=torch.tensor([t_ids], device=model.device)).last_hidden_state[0]
+        pos = torch.cat([torch.arange(s.start - 1, s.end - 1) for s in t.steps]) + len(fb_ids)
+        tl = hintsd.lm_logits(model, h[pos.to(model.device)])
+    model.train()
+    sl = hintsd.student_logits(model, t, t.steps)
+    model.eval()
+    loss = hintsd.reverse_kl_loss(sl, tl, torch.ones(sl.shape[0], device=sl.device))
+    loss.backward()
+    return sl.shape[0]
+
+
+def run_one(args):
+    """Child process: load the model, time one update of the given method, print a JSON line."""
+    model, tok = hintsd.load_model(args.model, args.device)
+    params = hintsd.trainable_params(model, 32, 64)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    teacher = hintsd.Shadow(params)
+    trajs = [hintsd.Trajectory.from_json(json.loads(x)) for x in open(args.trajs)]
+    trajs = [t for t in trajs if t.reward < 1.0 and len(t.steps) >= 2]
+    base_rss = hintsd.peak_memory_gb(model.device)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_rss = torch.cuda.memory_allocated() / 2**30
+    t0 = time.perf_counter()
+    tokens = 0
+    if args.method == "full":
+        fb = hintsd.feedback_ids(tok, FEEDBACK)
+        for t in trajs:
+            tokens += full_trajectory_update(model, tok, t, teacher, fb)
+    else:
+        targets = [hintsd.Target(i, j, FEEDBACK) for i, t in enumerate(trajs) for j in spread_steps(len(t.steps), args.k)]
+        st = {"skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+        hintsd.distill(model, tok, trajs, targets, teacher, 1 << 30, None, st, reuse_prefix=args.method == "hintsd")
+        tokens = st["tokens"]
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    print(json.dumps({"method": args.method, "seconds": dt, "tokens": tokens, "trajectories": len(trajs),
+                      "peak_gb": hintsd.peak_memory_gb(model.device) - base_rss}))
+
+
+def sample_failed(args):
+    import envs
+    model, tok = hintsd.load_model(args.model, args.device)
+    cfg = hintsd.SamplingConfig(max_new_tokens=64, temperature=0.6, max_len=16384)
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    task = envs.load_tasks("bfcl", "train")[0]
+    trajs = hintsd.rollout(model, tok, [envs.make_env(task, max_steps=10) for _ in range(2)], cfg, gen)
+    Path(args.trajs).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.trajs, "w") as f:
+        for t in trajs:
+            f.write(json.dumps(t.to_json()) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=hintsd.DEFAULT_MODEL)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--trajs", default="runs/bench-step/trajs.jsonl", help="failed rollouts (JSONL of trajectories)")
+    ap.add_argument("--k", type=int, default=3, help="targets per failed rollout (HINT-SD Multi: 3)")
+    ap.add_argument("--method", choices=["hintsd", "full", "naive"], help=argparse.SUPPRESS)  # child mode
+    args = ap.parse_args()
+    if args.method:
+        return run_one(args)
+    if not Path(args.trajs).exists():
+        sample_failed(args)
+    trajs = [json.loads(x) for x in open(args.trajs)]
+    print(f"{len(trajs)} rollouts, lengths {[len(t['tokens']) for t in trajs]} tokens, "
+          f"steps {[len(t['steps']) for t in trajs]}, rewards {[t['reward'] for t in trajs]}", flush=True)
+    res = {}
+    for m in ("hintsd", "full", "naive"):
+        cmd = [sys.executable, __file__, "--method", m, "--model", args.model, "--device", args.device,
+               "--trajs", args.trajs, "--k", str(args.k)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        res[m] = json.loads(out)
+        print(out, flush=True)
+    h = res["hintsd"]
+    print("\n| method | update s | peak GB | tokens supervised | time / hintsd | memory / hintsd |")
+    print("|---|---|---|---|---|---|")
+    for m, r in res.items():
+        print(f"| {m} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {r['tokens']} | "
+              f"{r['seconds'] / h['seconds']:.2f}x | {r['peak_gb'] / max(h['peak_gb'], 1e-9):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
