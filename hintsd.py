@@ -91,13 +91,24 @@ def resolve_model_path(name: str, cache_dir: Path = CACHE_DIR) -> str:
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None,
                cache_dir: Path = CACHE_DIR):
-    """Returns (model, tokenizer), model in eval mode with frozen base weights."""
+    """Returns (model, tokenizer), model in eval mode with frozen base weights.
+
+    name: 'embedded', a Hugging Face id, a local model dir, or 'random:DIR' (the config and tokenizer in DIR,
+    random weights; e.g. the Qwen3-4B architecture for timing on a machine that cannot download it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model_path(name, cache_dir)
     dtype = dtype or default_dtype(device)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        if path.startswith("random:"):  # a real architecture with random weights: timing without a download
+            from transformers import AutoConfig
+            path = path[len("random:"):]
+            tok = AutoTokenizer.from_pretrained(path)
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         if name == DEFAULT_MODEL:  # a broken cache: remove it so the next run rebuilds it
             shutil.rmtree(path, ignore_errors=True)
@@ -236,9 +247,13 @@ def decode(model, tok, state: KVState, logits: torch.Tensor, max_new_tokens: int
     return rows
 
 
-def eos_ids(tok) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer EOS plus ChatML's <|im_end|> when present."""
+def eos_ids(tok, model=None) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer EOS, ChatML's <|im_end|> when present, and the
+    model's generation-config EOS ids (Qwen lists <|endoftext|> there too)."""
     ids = {tok.eos_token_id}
+    gc = getattr(model, "generation_config", None)
+    extra = getattr(gc, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tok.unk_token_id:
         ids.add(im_end)
@@ -263,7 +278,8 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens: int = 128, te
     """Batched sampling from token-id prompts (the replacement for model.generate)."""
     state, logits = start_state(model, tok, prompts)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    return decode(model, tok, state, logits, max_new_tokens, temperature, top_p, gen, eos_ids(tok), stop_strings)
+    return decode(model, tok, state, logits, max_new_tokens, temperature, top_p, gen, eos_ids(tok, model),
+                  stop_strings)
 
 
 # ----------------------------------------------------------------------------- 3. rollouts
@@ -339,7 +355,7 @@ def rollout(model, tok, envs: list, cfg: SamplingConfig, gen: torch.Generator, p
     Each env step appends only its new tokens to the cache: an action is decoded once, the environment's
     answer is prefilled once. Rows leave the batch when their episode ends."""
     eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-    end_text, stop = tok.decode([eot]), eos_ids(tok)
+    end_text, stop = tok.decode([eot]), eos_ids(tok, model)
     trajs, chunks, headers = [], [], []
     for env in envs:
         msgs = env.reset()
@@ -372,7 +388,7 @@ def rollout(model, tok, envs: list, cfg: SamplingConfig, gen: torch.Generator, p
                 continue
             ids, headers[i] = continuation_ids(tok, t.messages, new, envs[i].tools, end_text)
             t.messages += new
-            chunks[i] = ([] if c.stop == "eos" else [eot]) + ids  # close a truncated action ourselves
+            chunks[i] = ([] if c.tokens[-1] == eot else [eot]) + ids  # close a truncated action ourselves
             if len(t.tokens) + len(chunks[i]) + cfg.max_new_tokens > cfg.max_len:
                 t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
                 continue
@@ -714,10 +730,12 @@ def merge_and_save(model, out_dir: Path) -> None:
 # Presets fill every setting the user did not pass. "paper" follows the authors (NOTES.md); "cpu" is a
 # demo that shows the whole cycle on a 2-core machine in about 15 minutes.
 PRESETS = {
-    "paper": dict(steps=None, epochs=15, tasks_per_step=2, rollouts=4, limit=None, lr=5e-6, max_new_tokens=512,
-                  analyzer_tokens=512, max_len=24576, max_env_steps=20, after_check=False),
-    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, limit=2, lr=1e-5, max_new_tokens=96,
-                analyzer_tokens=128, max_len=8192, max_env_steps=4, after_check=True),
+    "paper": dict(steps=None, epochs=15, tasks_per_step=2, rollouts=4, tasks=None, limit=None, lr=5e-6,
+                  max_new_tokens=512, analyzer_tokens=512, max_len=24576, max_env_steps=20, after_check=False),
+    # the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
+    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=["multi_turn_base_105", "multi_turn_base_115"],
+                limit=None, lr=1e-5, max_new_tokens=96, analyzer_tokens=128, max_len=8192, max_env_steps=4,
+                after_check=True),
 }
 
 
@@ -810,6 +828,7 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, help="passes over the train tasks when --steps is not given")
     ap.add_argument("--tasks-per-step", type=int, help="tasks per optimizer step")
     ap.add_argument("--rollouts", type=int, help="rollouts per task")
+    ap.add_argument("--tasks", nargs="+", metavar="ID", help="train on these train-split task ids only")
     ap.add_argument("--limit", type=int, help="use only the first N train tasks")
     ap.add_argument("--lr", type=float, help="AdamW learning rate")
     ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank; 0 = full fine-tuning")
@@ -845,7 +864,14 @@ def main(argv=None):
     import envs
     a = parse_args(argv)
     torch.manual_seed(a.seed)
-    tasks = envs.load_tasks(a.bench, "train")[: a.limit]
+    tasks = envs.load_tasks(a.bench, "train")
+    if a.tasks:
+        by_id = {t["id"]: t for t in tasks}
+        unknown = [i for i in a.tasks if i not in by_id]
+        if unknown:
+            raise SystemExit(f"--tasks: not in the {a.bench} train split: {unknown}")
+        tasks = [by_id[i] for i in a.tasks]
+    tasks = tasks[: a.limit]
     steps = a.steps if a.steps is not None else a.epochs * -(-len(tasks) // a.tasks_per_step)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
