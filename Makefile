@@ -1,11 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make run    set up .venv and run the main job (HINT-SD on BFCL with the embedded model)
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv (and .venv-appworld for the AppWorld engine tests) and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BFCL := bfcl-eval==2026.3.23
+APPWORLD_VENV ?= .venv-appworld
+APPWORLD := appworld==0.1.3.post1
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench setup-appworld
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -19,8 +21,20 @@ run: setup
 	$(PY) hintsd.py --bench bfcl
 
 # pytest exits 5 when it collects no test; that is a failure here too, so CI never passes empty.
-test: setup
+test: setup setup-appworld
 	$(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) bench/generate.py
+
+# AppWorld in its own venv (it pins pydantic<2); envs.py drives it through a worker process.
+# `appworld install` unpacks its encrypted app code inside that venv (never commit it). Real task data,
+# with internet: $(APPWORLD_VENV)/bin/appworld download data --root .appworld_root
+setup-appworld: $(APPWORLD_VENV)/.installed
+
+$(APPWORLD_VENV)/.installed:
+	python3 -m venv $(APPWORLD_VENV)
+	$(APPWORLD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(APPWORLD_VENV)/bin/python -m pip install -q $(APPWORLD)
+	$(APPWORLD_VENV)/bin/appworld install
+	touch $@

@@ -1,4 +1,4 @@
-"""Tool-use environments for HINT-SD. For now: BFCL v3 multi-turn (base + long_context).
+"""Tool-use environments for HINT-SD: BFCL v3 multi-turn (base + long_context); AppWorld in the section at the end.
 
     tasks = load_tasks("bfcl", "train")          # list of task dicts, paper split 200/40/160
     env = make_env(tasks[0], action_format="json")
@@ -39,7 +39,7 @@ from bfcl_eval.constants.executable_backend_config import (
 from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
 from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn_checker
 
-BENCHES = ("bfcl",)            # appworld will be added later
+BENCHES = ("bfcl", "appworld")  # appworld: see the AppWorld section at the end
 SPLITS = ("train", "eval", "test", "all")
 ACTION_FORMATS = ("json", "python")
 
@@ -86,6 +86,8 @@ def _load_bfcl():
 def load_tasks(bench, split):
     if bench not in BENCHES:
         raise ValueError(f"unknown bench {bench!r}; allowed: {BENCHES}")
+    if bench == "appworld":
+        return load_appworld_tasks(split)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {SPLITS}")
     tasks = _load_bfcl()
@@ -289,8 +291,11 @@ def format_calls(calls, action_format):
 # environment
 
 
-def make_env(task, action_format="json", max_steps=20):
-    return BFCLEnv(task, action_format, max_steps)
+def make_env(task, action_format="json", max_steps=None):
+    """max_steps None: the bench's default (BFCL 20, AppWorld 40). AppWorld ignores action_format (code)."""
+    if task.get("bench") == "appworld":
+        return AppWorldEnv(task, APPWORLD_MAX_STEPS if max_steps is None else max_steps)
+    return BFCLEnv(task, action_format, 20 if max_steps is None else max_steps)
 
 
 def _backend_class(name):
@@ -436,3 +441,229 @@ def oracle_feedback(task, steps, action_format="json"):
                 return [(i, f"You should call {want} instead of {call_to_str(*c)}." if want else
                             f"You should not call {call_to_str(*c)}: the request is already done; answer in plain text.")]
     return []
+
+
+# =============================================================================
+# AppWorld
+"""AppWorld (appworld==0.1.3.post1): the agent writes Python that calls the apps' APIs (apis.<app>.<api>(...)).
+
+    tasks = load_tasks("appworld", "train")    # splits train, dev, test_normal, test_challenge (eval = dev,
+                                               # test = test_normal, all = the four); each task: id, category, bench
+    env = make_env(tasks[0])                   # AppWorldEnv; at most 40 steps by default (the authors' cap)
+    msgs = env.reset()                         # system (how to act, the api_docs / supervisor APIs) + user (task)
+    msgs = env.step(assistant_text)            # [tool message with the code's output (clipped)]
+    r = env.reward()                           # 1.0 if all of AppWorld's own evaluation tests pass, else 0.0
+
+Action: the ```python blocks of the reply (joined), or the whole reply when it has no fence. The episode is done when
+the code marks the task complete (apis.supervisor.complete_task, i.e. world.task_completed()) or at the step cap;
+the reward is then computed at once and the world closed. env.tools is [] (the APIs are code, not tools).
+
+Process boundary: appworld pins pydantic<2 (it breaks our stack's pydantic 2 and transformers would run on
+pydantic 1), keeps one open world per process, and freezes time.time / datetime (freezegun) while a world is
+open. So each env owns a worker process in the AppWorld venv (bench/appworld_tasks.py serve, JSON lines over
+stdin/stdout); the agent's code runs only there, inside AppWorld's own sandboxed world.execute.
+
+Setup: `make setup-appworld` (venv .venv-appworld, `appworld install`). Data: with internet,
+`.venv-appworld/bin/appworld download data --root .appworld_root` (or set APPWORLD_ROOT). Without data, the
+three offline tasks of bench/appworld_tasks.py are built (real engine, ~15 s) into a temporary root and used for
+every split, with a notice on stderr.
+"""
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import weakref
+
+REPO = Path(__file__).resolve().parent
+APPWORLD_PYTHON = os.environ.get("HINTSD_APPWORLD_PYTHON", str(REPO / ".venv-appworld" / "bin" / "python"))
+APPWORLD_WORKER = REPO / "bench" / "appworld_tasks.py"
+APPWORLD_SPLITS = ("train", "dev", "test_normal", "test_challenge")
+APPWORLD_ALIASES = {"eval": "dev", "test": "test_normal"}
+APPWORLD_MAX_STEPS = 40
+APPWORLD_MAX_OUTPUT = 4000  # characters of one execution output shown to the agent (head and tail kept)
+APPWORLD_MISSING = ("AppWorld is not installed (expected {python}). Install it in its own venv with "
+                    "`make setup-appworld` (pip install appworld, then appworld install), or point "
+                    "HINTSD_APPWORLD_PYTHON at a python that has it. Real tasks need internet once: "
+                    "`.venv-appworld/bin/appworld download data --root .appworld_root` (or set APPWORLD_ROOT); "
+                    "without data, three small offline tasks are built and used.")
+APPWORLD_SYSTEM = """You are an agent that completes tasks for your supervisor by writing Python code that calls the \
+APIs of the apps on their phone.
+
+Each reply is one ```python block. The code runs in a persistent Python session (variables stay defined between \
+steps) and you see what it prints. `apis` is already defined (do not import it): call APIs as \
+apis.<app_name>.<api_name>(arg=value, ...); they return JSON-like data. Look up APIs before using them, e.g. \
+print(apis.api_docs.show_api_descriptions(app_name="simple_note")) and \
+print(apis.api_docs.show_api_doc(app_name="simple_note", api_name="login")). Your account passwords are in \
+apis.supervisor.show_account_passwords(). Work step by step, print what you need to check, and do not guess.
+When the task is done, call apis.supervisor.complete_task(answer=...) if the task asks a question, else \
+apis.supervisor.complete_task(). This ends the episode.
+
+APIs to start with:
+{docs}"""
+APPWORLD_USER = """I am {first_name} {last_name}, email {email}, phone number {phone_number}. It is {datetime}.
+The apps:
+{apps}
+
+Task: {instruction}"""
+CODE_BLOCK = re.compile(r"```([\w+-]*)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)  # (language, body); last may be open
+CODE_LANGUAGES = ("python", "py", "python3", "")
+_offline_root = None
+
+
+def appworld_available():
+    return Path(APPWORLD_PYTHON).exists()
+
+
+def _require_appworld():
+    if not appworld_available():
+        raise RuntimeError(APPWORLD_MISSING.format(python=APPWORLD_PYTHON))
+
+
+def appworld_root():
+    """The user's AppWorld root (data/ under it): $APPWORLD_ROOT, else .appworld_root in the repo."""
+    return Path(os.environ.get("APPWORLD_ROOT", REPO / ".appworld_root"))
+
+
+def build_offline_appworld(root):
+    """Build the offline tasks (bench/appworld_tasks.py) into root/data with the AppWorld venv."""
+    _require_appworld()
+    run = subprocess.run([APPWORLD_PYTHON, str(APPWORLD_WORKER), "build", str(root)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"building the offline AppWorld tasks failed:\n{run.stderr[-3000:]}")
+    return Path(root)
+
+
+def _offline_appworld_root():
+    global _offline_root
+    if _offline_root is None:
+        tmp = Path(tempfile.mkdtemp(prefix="hintsd-appworld-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _offline_root = build_offline_appworld(tmp)
+    return _offline_root
+
+
+def load_appworld_tasks(split):
+    """Task dicts of an AppWorld split, in the dataset's order; the offline tasks when no real data is there."""
+    names = APPWORLD_SPLITS if split == "all" else [APPWORLD_ALIASES.get(split, split)]
+    if names[0] not in APPWORLD_SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {APPWORLD_SPLITS + tuple(APPWORLD_ALIASES) + ('all',)}")
+    _require_appworld()
+    root = appworld_root()
+    if not (root / "data" / "datasets" / f"{names[0]}.txt").exists():
+        print(f"AppWorld: no data under {root / 'data'} (get it with `.venv-appworld/bin/appworld download data "
+              f"--root {root}`, needs internet); using the offline tasks of bench/appworld_tasks.py.", file=sys.stderr)
+        root = _offline_appworld_root()
+    tasks = []
+    for name in names:
+        for line in (root / "data" / "datasets" / f"{name}.txt").read_text().split():
+            tid = line.split(":")[0]  # AppWorld dataset lines may carry a ":tag"
+            meta = root / "data" / "tasks" / tid / "ground_truth" / "metadata.json"
+            level = json.loads(meta.read_text()).get("difficulty") if meta.exists() else None
+            tasks.append({"id": tid, "bench": "appworld", "split": name, "root": str(root),
+                          "category": f"difficulty_{level}" if level else "appworld"})
+    return tasks
+
+
+def extract_code(text):
+    """The reply's ```python (or unlabelled) blocks joined, an unclosed last one included; the whole reply when it
+    has no fenced block at all; "" when it only has blocks of other languages (AppWorld: "No code available")."""
+    blocks = CODE_BLOCK.findall(text)
+    if not blocks:
+        return text
+    return "\n".join(body.strip("\n") for lang, body in blocks if lang.lower() in CODE_LANGUAGES)
+
+
+def clip_output(text, limit=APPWORLD_MAX_OUTPUT):
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n... [{len(text) - 2 * half} characters cut] ...\n{text[-half:]}"
+
+
+class AppWorldEnv:
+    """One AppWorld task, played in its own worker process (started here, so several envs import in parallel)."""
+
+    def __init__(self, task, max_steps=APPWORLD_MAX_STEPS, timeout=100, max_output=APPWORLD_MAX_OUTPUT):
+        _require_appworld()
+        self.task, self.max_steps, self.timeout, self.max_output = task, max_steps, timeout, max_output
+        self.tools, self.turn, self.steps, self.done = [], 0, 0, True
+        self.evaluation, self.proc = None, None
+        self._start()
+
+    def _start(self):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([APPWORLD_PYTHON, str(APPWORLD_WORKER), "serve", self.task["root"]],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=self.task["root"])
+        self._finalizer = weakref.finalize(self, _stop_worker, self.proc)
+
+    def _call(self, cmd, **kwargs):
+        if self.proc is None:
+            raise RuntimeError("the AppWorld worker is closed; call reset() first")
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"AppWorld worker died during {cmd!r}:\n{self.log.read()[-3000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"AppWorld {cmd!r} failed: {reply['error']}")
+        return reply
+
+    def reset(self):
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.turn, self.steps, self.done, self.evaluation = 0, 0, False, None
+        self.experiment = f"hintsd_{uuid.uuid4().hex[:12]}"  # own output dir: rollouts of one task run side by side
+        info = self._call("reset", task_id=self.task["id"], experiment=self.experiment, timeout=self.timeout)
+        apps = "\n".join(f"- {name}: {desc}" for name, desc in info["apps"].items())
+        return [{"role": "system", "content": APPWORLD_SYSTEM.format(docs="\n".join(info["docs"]))},
+                {"role": "user", "content": APPWORLD_USER.format(**info["supervisor"], datetime=info["datetime"],
+                                                                 apps=apps, instruction=info["instruction"])}]
+
+    def step(self, assistant_text):
+        """Run the reply's code in the world; one tool message with its output. Done on complete_task or the cap."""
+        if self.done:
+            return []
+        self.steps += 1
+        out = self._call("execute", code=extract_code(assistant_text))
+        if out["completed"] or self.steps >= self.max_steps:
+            self._finish()
+        return [{"role": "tool", "content": clip_output(out["output"], self.max_output)}]
+
+    def _finish(self):
+        """Evaluate the world's state now (AppWorld's own tests) and close the worker."""
+        self.done = True
+        if self.evaluation is None:
+            self.evaluation = self._call("evaluate")
+            self.close()
+
+    def reward(self):
+        """1.0 if every test of the task's evaluation passes, else 0.0. An unfinished episode is evaluated as is."""
+        self._finish()
+        return 1.0 if self.evaluation["success"] else 0.0
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self._call("close")
+            except RuntimeError:
+                pass
+        self._finalizer()
+        self.proc = None
+
+
+def _stop_worker(proc):
+    if proc.poll() is None:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -41,7 +41,7 @@ def pass_at_k_summary(results: list[dict]) -> dict:
 
 
 def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, action_format: str = "json",
-             max_env_steps: int = 20, seed: int = 0, out_dir: Path | None = None, desc: str = "eval") -> dict:
+             max_env_steps: int | None = None, seed: int = 0, out_dir: Path | None = None, desc: str = "eval") -> dict:
     """k rollouts per task, batched per task so the shared prompt is prefilled once. Returns the summary."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     results, started = [], time.time()
@@ -82,7 +82,8 @@ def compare(dirs: list[str]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="bfcl", choices=envs.BENCHES, help="benchmark")
-    ap.add_argument("--split", default="test", choices=envs.SPLITS, help="task split (paper split, seed 42)")
+    ap.add_argument("--split", default="test", choices=envs.SPLITS + ("dev", "test_normal", "test_challenge"),
+                    help="BFCL: the paper split (seed 42); AppWorld: its own splits (eval = dev, test = test_normal)")
     ap.add_argument("--k", type=int, default=4, help="rollouts per task (Avg@k / Best@k)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N tasks of the split")
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, or 'embedded'")
@@ -94,7 +95,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--max-new-tokens", type=int, default=256, help="per assistant action")
     ap.add_argument("--max-len", type=int, default=24576, help="context limit of one trajectory in tokens")
-    ap.add_argument("--max-env-steps", type=int, default=20, help="assistant steps per episode")
+    ap.add_argument("--max-env-steps", type=int, default=None, help="assistant steps per episode (BFCL 20, AppWorld 40)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output dir (default runs/eval-<split>)")
     ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print a table of saved runs and exit")

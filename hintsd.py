@@ -731,12 +731,12 @@ def merge_and_save(model, out_dir: Path) -> None:
 # demo that shows the whole cycle on a 2-core machine in about 15 minutes.
 PRESETS = {
     "paper": dict(steps=None, epochs=15, tasks_per_step=2, rollouts=4, tasks=None, limit=None, lr=5e-6,
-                  max_new_tokens=512, analyzer_tokens=512, max_len=24576, max_env_steps=20, after_check=False),
-    # the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
-    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=["multi_turn_base_105", "multi_turn_base_115"],
-                limit=None, lr=1e-5, max_new_tokens=96, analyzer_tokens=128, max_len=8192, max_env_steps=4,
-                after_check=True),
+                  max_new_tokens=512, analyzer_tokens=512, max_len=24576, max_env_steps=None, after_check=False),
+    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=2, lr=1e-5, max_new_tokens=96,
+                analyzer_tokens=128, max_len=8192, max_env_steps=4, after_check=True),
 }
+# cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
+CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
 
 
 def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list:
@@ -810,7 +810,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--bench", default="bfcl", choices=["bfcl"], help="benchmark")
+    ap.add_argument("--bench", default="bfcl", choices=["bfcl", "appworld"],
+                    help="appworld needs `make setup-appworld`; without its data it runs on built-in offline tasks")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local dir, or 'embedded' (Qwen2.5-Coder-0.5B GGUF)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -839,8 +840,9 @@ def parse_args(argv=None):
     ap.add_argument("--analyzer-tokens", type=int, help="max new tokens of the hindsight analysis")
     ap.add_argument("--temperature", type=float, default=0.6, help="rollout temperature")
     ap.add_argument("--max-len", type=int, help="context limit of a trajectory / teacher context in tokens")
-    ap.add_argument("--max-env-steps", type=int, help="assistant steps per episode")
-    ap.add_argument("--action-format", default="json", choices=["json", "python"])
+    ap.add_argument("--max-env-steps", type=int, help="assistant steps per episode (default: BFCL 20, AppWorld 40)")
+    ap.add_argument("--action-format", default="json", choices=["json", "python"],
+                    help="BFCL call format: the chat template's <tool_call> JSON, or [f(a=1)]; AppWorld acts in code")
     ap.add_argument("--after-check", action=argparse.BooleanOptionalAction, default=None,
                     help="after each update, re-measure the KL on the same targets")
     ap.add_argument("--seed", type=int, default=0)
@@ -848,13 +850,17 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("--merge", action="store_true", help="after training, write a merged HF model to OUT/merged")
     a = ap.parse_args(argv)
-    preset = PRESETS[a.preset if a.preset != "auto" else ("cpu" if a.device == "cpu" else "paper")]
-    for key, val in preset.items():
+    name = a.preset if a.preset != "auto" else ("cpu" if a.device == "cpu" else "paper")
+    if name == "cpu" and a.tasks is None:
+        a.tasks = CPU_TASKS.get(a.bench)
+    for key, val in PRESETS[name].items():
         if getattr(a, key) is None:
             setattr(a, key, val)
     for key in ("rollouts", "tasks_per_step", "max_new_tokens", "max_len", "max_env_steps"):
-        if getattr(a, key) < 1:
+        if getattr(a, key) is not None and getattr(a, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1")
+    if a.feedback == "oracle" and a.bench != "bfcl":
+        ap.error("--feedback oracle needs BFCL ground truth; use it with --bench bfcl")
     if not 0.0 <= a.ema_rate <= 1.0:
         ap.error("--ema-rate must be in [0, 1] (0.999 keeps 99.9% of the teacher per step)")
     return a

@@ -58,7 +58,7 @@ def test_task_fields(all_tasks):
 
 def test_unknown_bench_split_format():
     with pytest.raises(ValueError, match="bfcl"):
-        envs.load_tasks("appworld", "train")
+        envs.load_tasks("nope", "train")
     with pytest.raises(ValueError, match="train"):
         envs.load_tasks("bfcl", "dev")
     with pytest.raises(ValueError, match="json"):
