@@ -4,10 +4,17 @@
 
 Reading order:
   1. model loading        load_model(): any HF id / local dir, or the embedded Qwen2.5-Coder-0.5B GGUF
-  2. generation           prefill / decode_step / sample / generate: a hand-written batched KV-cache sampler
+  2. generation           prefill / decode_step / sample / decode: a hand-written batched KV-cache sampler
   3. rollouts             rollout(): the policy plays a multi-turn environment, keeping its exact token ids
+  4. the loss             reverse_kl_loss(): KL(student || teacher) on masked tokens, self-contained
+  5. LoRA, EMA teacher    LoRALinear, add_lora, Shadow (a second set of adapter values, swapped in)
+  6. targets              select_targets(): hindsight analyzer / environment output / ground-truth oracle
+  7. distillation         teacher_logits (prefix KV reuse), student_logits (one truncated forward), distill
+  8. checkpoints          atomic save / exact resume / merge
+  9. training loop        train_step(), main()
 """
 import argparse
+from contextlib import nullcontext
 import hashlib
 import importlib
 import json
@@ -519,7 +526,7 @@ def env_feedback(t: Trajectory, k: int) -> list[tuple[int, str]]:
     """Table-3 'environment output' source: no analyzer. The first k steps whose output is an error
     (else the last step), with the raw output as the feedback."""
     outs = step_outputs(t.messages)
-    errs = [i for i, o in enumerate(outs) if "Error" in o][:k] or [len(outs) - 1]
+    errs = [i for i, o in enumerate(outs) if "error" in o.lower()][:k] or [len(outs) - 1]
     return [(i + 1, f"The environment answered your previous attempt with: {outs[i][:500]}") for i in errs]
 
 
@@ -530,7 +537,7 @@ def analyzer_feedback(model, tok, trajs: list[Trajectory], k: int, max_new_token
     chats = [prompts.analyzer_messages(t.messages, t.reward, k) for t in trajs]
     ids = [prompt_ids(tok, c, None)[0] for c in chats]
     outs = []
-    for i in range(0, len(ids), 4):  # small batches: analyzer prompts are long and of different lengths
+    for i in tqdm(range(0, len(ids), 4), desc="  analysis", leave=False):  # small batches of long prompts
         outs += generate(model, tok, ids[i:i + 4], max_new_tokens, temperature=0.0)
     parsed = []
     for t, c in zip(trajs, outs):
@@ -549,7 +556,7 @@ def select_targets(model, tok, trajs: list[Trajectory], source: str, k: int, sha
     failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
     if source in ("ema", "policy", "initial"):
         shadow = shadows.get(source)
-        with shadow if shadow is not None else _nullcontext():
+        with shadow if shadow is not None else nullcontext():
             picks = analyzer_feedback(model, tok, [trajs[i] for i in failed], k, analyzer_tokens, gen, stats)
     elif source == "env":
         picks = [env_feedback(trajs[i], k) for i in failed]
@@ -559,14 +566,6 @@ def select_targets(model, tok, trajs: list[Trajectory], source: str, k: int, sha
     else:
         raise ValueError(f"unknown feedback source {source!r}; allowed: {FEEDBACK_SOURCES}")
     return [Target(i, step - 1, fb) for i, p in zip(failed, picks) for step, fb in p]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------- 7. targeted self-distillation
@@ -632,10 +631,12 @@ def action_mask_text(tok, traj: Trajectory, steps: list[Step]) -> list[str]:
 
 
 def distill(model, tok, trajs: list[Trajectory], targets: list[Target], teacher: Shadow | None, max_len: int,
-            topk: int | None, stats: dict, backward: bool = True, reuse_prefix: bool = True) -> None:
+            topk: int | None, stats: dict, backward: bool = True, reuse_prefix: bool = True,
+            teacher_cache: dict | None = None) -> None:
     """Accumulate grads of the targeted reverse KL, averaged over all targeted tokens of the batch.
 
-    teacher: the shadow weights the teacher runs with (EMA), or None for the current policy (no grad)."""
+    teacher: the shadow weights the teacher runs with (EMA), or None for the current policy (no grad).
+    teacher_cache: trajectory index -> teacher logits; filled when given, and reused when already there."""
     by_traj: dict[int, list[Target]] = {}
     for tg in targets:
         t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
@@ -645,10 +646,15 @@ def distill(model, tok, trajs: list[Trajectory], targets: list[Target], teacher:
             continue
         by_traj.setdefault(tg.traj, []).append((s, fb))
     total = sum(s.end - s.start for items in by_traj.values() for s, _ in items)
-    for i, items in by_traj.items():
+    for i, items in tqdm(by_traj.items(), desc="  update" if backward else "  after-check", leave=False):
         steps, fbs = [s for s, _ in items], [f for _, f in items]
-        with teacher if teacher is not None else _nullcontext():
-            tl = torch.cat(teacher_logits(model, trajs[i], steps, fbs, reuse_prefix))
+        if teacher_cache is not None and i in teacher_cache:
+            tl = teacher_cache[i]
+        else:
+            with teacher if teacher is not None else nullcontext():
+                tl = torch.cat(teacher_logits(model, trajs[i], steps, fbs, reuse_prefix))
+            if teacher_cache is not None:
+                teacher_cache[i] = tl
         model.train()  # gradient checkpointing (if enabled) acts in train mode only; the model has no dropout
         sl = student_logits(model, trajs[i], steps)
         model.eval()
@@ -771,16 +777,15 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
             trajs += rollout(model, tok, [envs.make_env(task, a.action_format, a.max_env_steps)
                                           for _ in range(a.rollouts)], scfg, gen, bar)
     t1 = time.time()
-    k = 1 if a.variant == "single" else 3
+    k = 1 if a.variant == "single" else 3  # Single: the first selected step of each failed rollout
     targets = select_targets(model, tok, trajs, a.feedback, k, shadows, tasks_by_id, a.action_format,
                              a.analyzer_tokens, gen, st)
-    if a.variant == "single":  # the first selected step of each trajectory only
-        targets = [tg for j, tg in enumerate(targets) if j == 0 or targets[j - 1].traj != tg.traj]
     t2 = time.time()
     opt.zero_grad(set_to_none=True)
     teacher = shadows.get("ema") if a.teacher == "ema" else None
+    cache = {} if a.after_check else None
     if targets:
-        distill(model, tok, trajs, targets, teacher, a.max_len, a.topk, st)
+        distill(model, tok, trajs, targets, teacher, a.max_len, a.topk, st, teacher_cache=cache)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         shadows["ema"].ema_update(a.ema_rate)
@@ -793,10 +798,10 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
            "skipped_overflow": st["skipped_overflow"], "kl": st["kl_sum"] / n, "tokens_supervised": st["tokens"],
            "teacher_top1_logp": st["teacher_top1_logp_sum"] / n,
            "time_rollout": t1 - t0, "time_analysis": t2 - t1, "time_update": t3 - t2}
-    if targets and a.after_check:  # the same targets, same teacher values, after the update
+    if targets and a.after_check:  # the same targets and the same teacher logits, student after the update
         after = {"parse_failures": 0, "skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
         with torch.no_grad():
-            distill(model, tok, trajs, targets, teacher, a.max_len, a.topk, after, backward=False)
+            distill(model, tok, trajs, targets, teacher, a.max_len, a.topk, after, backward=False, teacher_cache=cache)
         row["kl_after"] = after["kl_sum"] / max(after["tokens"], 1)
         row["teacher_top1_logp_after"] = after["teacher_top1_logp_sum"] / max(after["tokens"], 1)
     row["peak_mem_gb"] = peak_memory_gb(model.device)

@@ -122,3 +122,30 @@ def test_cli_rejects_bad_values(capsys):
         with pytest.raises(SystemExit):
             hintsd.parse_args(bad)
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_env_feedback_picks_error_steps_with_the_raw_output():
+    t = hintsd.Trajectory("x", "c", [
+        {"role": "user", "content": "do it"},
+        {"role": "assistant", "content": "a"}, {"role": "tool", "content": '{"ok": true}'},
+        {"role": "assistant", "content": "b"}, {"role": "tool", "content": '{"error": "No such file"}'},
+        {"role": "assistant", "content": "c"}, {"role": "tool", "content": "Error: unknown function 'x'."},
+        {"role": "assistant", "content": "d"}])
+    got = hintsd.env_feedback(t, 1)
+    assert got == [(2, 'The environment answered your previous attempt with: {"error": "No such file"}')]
+    assert [s for s, _ in hintsd.env_feedback(t, 3)] == [2, 3]
+    clean = hintsd.Trajectory("x", "c", t.messages[:3])
+    assert [s for s, _ in hintsd.env_feedback(clean, 3)] == [1]  # no error: the last step
+
+
+def test_full_finetuning_flag_trains_every_weight(tiny_qwen, tmp_path):
+    hintsd.main(["--model", str(tiny_qwen), "--feedback", "oracle", "--limit", "1", "--rollouts", "1",
+                 "--max-new-tokens", "4", "--max-env-steps", "2", "--lora-rank", "0", "--lr", "1e-3",
+                 "--steps", "1", "--no-after-check", "--out", str(tmp_path)])
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    state = load_file(str(tmp_path / "ckpt-000001" / "state.safetensors"))
+    base = list(AutoModelForCausalLM.from_pretrained(tiny_qwen).parameters())
+    params = [state[f"param.{i}"] for i in range(len(base))]
+    assert f"param.{len(base)}" not in state and all(p.shape == b.shape for p, b in zip(params, base))
+    assert sum(not torch.equal(p, b) for p, b in zip(params, base)) > len(base) // 2  # most weights moved
