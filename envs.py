@@ -309,8 +309,11 @@ class BFCLEnv:
         if action_format not in ACTION_FORMATS:
             raise ValueError(f"unknown action format {action_format!r}; allowed: {ACTION_FORMATS}")
         self.task, self.action_format, self.max_steps = task, action_format, max_steps
-        self.tools = bfcl_tools(task["involved_classes"], task.get("excluded_function") or ())
-        self.tool_names = {t["function"]["name"] for t in self.tools}
+        self.schemas = bfcl_tools(task["involved_classes"], task.get("excluded_function") or ())
+        self.tool_names = {t["function"]["name"] for t in self.schemas}
+        # what the chat template gets as tools=: the schemas in the json format; none in the python format,
+        # whose system prompt lists the docs itself (the template's <tool_call> instructions would contradict it)
+        self.tools = self.schemas if action_format == "json" else []
         self.reset()
 
     def reset(self):
@@ -328,7 +331,7 @@ class BFCLEnv:
         first = [dict(m) for m in self.task["turns"][0]]
         if self.action_format == "json":
             return [{"role": "system", "content": SYSTEM_JSON}] + first
-        docs = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in self.tools)
+        docs = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in self.schemas)
         return [{"role": "system", "content": SYSTEM_PYTHON.format(docs=docs)}] + first
 
     def execute(self, name, args):

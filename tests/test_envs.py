@@ -238,3 +238,11 @@ def test_oracle_points_at_the_first_diverging_step():
     assert envs.oracle_feedback(task, [(0, "I am done.")])[0][0] == 1
     replay = [(turn, env.ground_truth_action(turn)) for turn in range(len(task["turns"]))]
     assert envs.oracle_feedback(task, replay) == []
+
+
+def test_python_format_gives_the_template_no_tools_and_lists_docs_itself():
+    task = envs.load_tasks("bfcl", "test")[0]
+    env = envs.make_env(task, action_format="python")
+    system = env.reset()[0]["content"]
+    assert env.tools == [] and len(env.schemas) == len(envs.make_env(task).tools)
+    assert all(t["function"]["name"] in system for t in env.schemas) and "[func_a(x=1)" in system
