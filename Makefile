@@ -20,9 +20,10 @@ $(VENV)/.installed: requirements.txt
 run: setup
 	$(PY) hintsd.py --bench bfcl
 
-# pytest exits 5 when it collects no test; that is a failure here too, so CI never passes empty.
+# pytest exits 5 when it collects no test; that is a failure here too (with a message), so CI never passes empty.
 test: setup setup-appworld
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; fi; exit $$rc
 
 bench: setup
 	$(PY) bench/generate.py
