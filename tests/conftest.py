@@ -10,8 +10,8 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def tiny():
-    """A tiny random-init Qwen2 (the embedded model's architecture) and the real Qwen tokenizer when cached,
-    else a minimal stand-in tokenizer object is NOT used: tests that need a tokenizer ask for `qwen_tok`."""
+    """A tiny random-init Qwen2 (the embedded model's architecture) with a 256-id vocabulary, no tokenizer.
+    Tests that need the real Qwen tokenizer and chat template use `tiny_qwen` instead."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
