@@ -630,6 +630,11 @@ def action_mask_text(tok, traj: Trajectory, steps: list[Step]) -> list[str]:
     return [tok.decode(traj.tokens[s.start:s.end]) for s in steps]
 
 
+def new_stats() -> dict:
+    """The counters that select_targets and distill add to (summed over a step)."""
+    return {"parse_failures": 0, "skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+
+
 def distill(model, tok, trajs: list[Trajectory], targets: list[Target], teacher: Shadow | None, max_len: int,
             topk: int | None, stats: dict, backward: bool = True, reuse_prefix: bool = True,
             teacher_cache: dict | None = None) -> None:
@@ -768,7 +773,7 @@ def peak_memory_gb(device) -> float:
 def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, tasks_by_id: dict) -> dict:
     """One HINT-SD step: rollouts -> rewards -> hindsight on failures -> targeted reverse KL -> AdamW -> EMA."""
     import envs
-    st = {"parse_failures": 0, "skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+    st = new_stats()
     scfg = SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
     t0 = time.time()
     trajs = []
@@ -799,7 +804,7 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
            "teacher_top1_logp": st["teacher_top1_logp_sum"] / n,
            "time_rollout": t1 - t0, "time_analysis": t2 - t1, "time_update": t3 - t2}
     if targets and a.after_check:  # the same targets and the same teacher logits, student after the update
-        after = {"parse_failures": 0, "skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+        after = new_stats()
         with torch.no_grad():
             distill(model, tok, trajs, targets, teacher, a.max_len, a.topk, after, backward=False, teacher_cache=cache)
         row["kl_after"] = after["kl_sum"] / max(after["tokens"], 1)

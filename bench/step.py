@@ -63,7 +63,7 @@ def run_one(args):
             fb = hintsd.feedback_ids(tok, FEEDBACK)
             return sum(full_trajectory_update(model, tok, t, teacher, fb) for t in trajs)
         targets = [hintsd.Target(i, j, FEEDBACK) for i, t in enumerate(trajs) for j in spread_steps(len(t.steps), args.k)]
-        st = {"skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+        st = hintsd.new_stats()
         hintsd.distill(model, tok, trajs, targets, teacher, 1 << 30, None, st, reuse_prefix=args.method == "hintsd")
         return st["tokens"]
 

@@ -87,13 +87,13 @@ def test_distill_moves_student_towards_teacher_and_skips_overflow(policy, trajs)
     targets = [hintsd.Target(0, 0, "You should list the files first.")]
     kl = []
     for _ in range(4):
-        st = {"skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+        st = hintsd.new_stats()
         opt.zero_grad()
         hintsd.distill(model, tok, trajs, targets, ema, 16384, None, st)
         opt.step()
         kl.append(st["kl_sum"] / st["tokens"])
     assert kl[-1] < 0.8 * kl[0], kl
-    st = {"skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+    st = hintsd.new_stats()
     hintsd.distill(model, tok, trajs, targets, ema, max_len=10, topk=None, stats=st)
     assert st["skipped_overflow"] == 1 and st["tokens"] == 0
 
