@@ -414,6 +414,16 @@ class BFCLEnv:
         calls = self.ground_truth_calls(turn)
         return format_calls(calls, self.action_format) if calls else NO_CALL_TEXT
 
+    def ground_truth_actions(self):
+        """A whole successful episode as assistant texts: each turn's ground-truth calls in one step, then a
+        step without calls that ends the turn (the SFT baseline's stand-in for a stronger model's rollout)."""
+        out = []
+        for turn in range(len(self.task["turns"])):
+            if self.ground_truth_calls(turn):
+                out.append(self.ground_truth_action(turn))
+            out.append(NO_CALL_TEXT)
+        return out
+
 
 # -----------------------------------------------------------------------------
 # ground-truth "oracle" hindsight

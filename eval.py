@@ -1,7 +1,8 @@
 """Evaluate a policy on BFCL v3 multi-turn: k rollouts per task, Avg@k and Best@k (the paper's metrics).
 
     python eval.py --bench bfcl --split test --k 4 --limit 5 --out runs/eval-initial
-    python eval.py --compare runs/eval-initial runs/eval-hintsd      # Table-1 style comparison of saved runs
+    python eval.py --compare runs/eval/initial runs/eval/hintsd   # Table 1 layout, from saved summaries
+    python eval.py --turns runs/hintsd                             # target-step distribution per epoch (Fig. 2)
 
 Writes DIR/trajectories.jsonl (one line per rollout: messages, token ids, steps, reward) and DIR/summary.json.
 """
@@ -61,8 +62,8 @@ def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, 
         s = pass_at_k_summary(results)["overall"]
         bar.set_postfix(avg=f"{s['avg_at_k']:.1f}", best=f"{s['best_at_k']:.1f}")
     tokbar.close()
-    summary = {**pass_at_k_summary(results), "k": k, "action_format": action_format, "max_env_steps": max_env_steps,
-               "seconds": round(time.time() - started, 1)}
+    summary = {**pass_at_k_summary(results), "bench": tasks[0].get("bench", "bfcl") if tasks else "bfcl", "k": k,
+               "action_format": action_format, "max_env_steps": max_env_steps, "seconds": round(time.time() - started, 1)}
     if sink:
         sink.close()
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -70,12 +71,45 @@ def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, 
 
 
 def compare(dirs: list[str]) -> str:
-    """Markdown table in the layout of the paper's Table 1 from saved summary.json files."""
-    lines = ["| run | tasks | Avg@k | Best@k |", "|---|---|---|---|"]
+    """The paper's Table 1 layout from saved eval summaries: one row per method (the run dir's name; runs of the
+    same name under different parents, e.g. runs/bfcl/hintsd and runs/appworld/hintsd, share a row), Avg@k and
+    Best@k per benchmark."""
+    rows: dict[str, dict] = {}
     for d in dirs:
+        if not (Path(d) / "summary.json").exists():
+            raise SystemExit(f"--compare: {d} has no summary.json (not an eval.py run dir, or the eval did not finish)")
         s = json.loads((Path(d) / "summary.json").read_text())
-        o = s["overall"]
-        lines.append(f"| {Path(d).name} | {o['tasks']} | {o['avg_at_k']:.2f} | {o['best_at_k']:.2f} |")
+        rows.setdefault(Path(d).name, {})[s.get("bench", "bfcl")] = s
+    benches = [b for b in envs.BENCHES if any(b in r for r in rows.values())]
+    head = "| method | " + " | ".join(f"{b} Avg@k | {b} Best@k | {b} tasks x k" for b in benches) + " |"
+    lines = [head, "|---|" + "---|---|---|" * len(benches)]
+    for name, r in rows.items():
+        cells = []
+        for b in benches:
+            o = r[b]["overall"] if b in r else None
+            cells += [f"{o['avg_at_k']:.2f}", f"{o['best_at_k']:.2f}", f"{o['tasks']} x {r[b]['k']}"] if o else ["-"] * 3
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TURN_BINS = ((1, 3), (4, 8), (9, None))  # the paper's bins of the target's assistant step (its "turn")
+
+
+def turn_distribution(dirs: list[str]) -> str:
+    """Share of distillation targets whose action is assistant step 1-3, 4-8 or 9+, per epoch and overall,
+    from each training run's metrics.jsonl (field target_steps)."""
+    lines = ["| run | epoch | targets | steps 1-3 | steps 4-8 | steps 9+ |", "|---|---|---|---|---|---|"]
+    for d in dirs:
+        if not (Path(d) / "metrics.jsonl").exists():
+            raise SystemExit(f"--turns: {d} has no metrics.jsonl (not a hintsd.py run dir)")
+        rows = [json.loads(x) for x in open(Path(d) / "metrics.jsonl")]
+        by_epoch: dict = defaultdict(list)
+        for r in rows:
+            by_epoch[r["epoch"]] += r.get("target_steps", [])
+        for epoch, steps in [*sorted(by_epoch.items()), ("all", [s for r in rows for s in r.get("target_steps", [])])]:
+            share = [100 * sum(lo <= s and (hi is None or s <= hi) for s in steps) / max(len(steps), 1)
+                     for lo, hi in TURN_BINS]
+            lines.append(f"| {Path(d).name} | {epoch} | {len(steps)} | " + " | ".join(f"{x:.1f}%" for x in share) + " |")
     return "\n".join(lines)
 
 
@@ -98,10 +132,13 @@ def main(argv=None):
     ap.add_argument("--max-env-steps", type=int, default=None, help="assistant steps per episode (BFCL 20, AppWorld 40)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output dir (default runs/eval-<split>)")
-    ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print a table of saved runs and exit")
+    ap.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                    help="print the Table-1 layout (Avg@k, Best@k per method and benchmark) of saved eval runs and exit")
+    ap.add_argument("--turns", nargs="+", metavar="TRAIN_DIR",
+                    help="print the share of targets at assistant steps 1-3, 4-8, 9+ per epoch of training runs and exit")
     args = ap.parse_args(argv)
-    if args.compare:
-        print(compare(args.compare))
+    if args.compare or args.turns:
+        print(compare(args.compare) if args.compare else turn_distribution(args.turns))
         return
     tasks = envs.load_tasks(args.bench, args.split)[: args.limit]
     model, tok = hintsd.load_model(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None)

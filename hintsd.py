@@ -1,15 +1,18 @@
 """HINT-SD: targeted hindsight self-distillation for multi-turn tool-use agents, in one file.
 
-    python hintsd.py --bench bfcl            # train on BFCL v3 multi-turn with the embedded default model
+    python hintsd.py --bench bfcl                   # HINT-SD on BFCL v3 multi-turn, embedded default model
+    python hintsd.py --bench bfcl --method grpo     # a baseline: sdpo, openclaw, grpo, sft (or initial)
 
 Reading order:
   1. model loading        load_model(): any HF id / local dir, or the embedded Qwen2.5-Coder-0.5B GGUF
   2. generation           prefill / decode_step / sample / decode: a hand-written batched KV-cache sampler
   3. rollouts             rollout(): the policy plays a multi-turn environment, keeping its exact token ids
-  4. the loss             reverse_kl_loss(): KL(student || teacher) on masked tokens, self-contained
+  4. the losses           reverse_kl_loss(): KL(student || teacher) on masked tokens; clipped_pg_loss() (GRPO)
   5. LoRA, EMA teacher    LoRALinear, add_lora, Shadow (a second set of adapter values, swapped in)
-  6. targets              select_targets(): hindsight analyzer / environment output / ground-truth oracle
-  7. distillation         teacher_logits (prefix KV reuse), student_logits (one truncated forward), distill
+  6. learning signals     select_targets(): hindsight analyzer / environment output / ground-truth oracle;
+                          the baselines' sdpo_targets, judge_targets, group_advantages, ground_truth_replays
+  7. updates              teacher_logits (prefix KV reuse), student_logits (one truncated forward), distill;
+                          grpo_update, sft_update
   8. checkpoints          atomic save / exact resume / merge
   9. training loop        train_step(), main()
 """
@@ -356,50 +359,70 @@ class SamplingConfig:
     max_len: int = 24576        # context limit of one trajectory in tokens (authors: 24576)
 
 
-def rollout(model, tok, envs: list, cfg: SamplingConfig, gen: torch.Generator, progress=None) -> list[Trajectory]:
+def rollout(model, tok, envs: list, cfg: SamplingConfig, gen: torch.Generator, progress=None,
+            forced: list[list[str]] | None = None, hints: list[tuple[int, str] | None] | None = None
+            ) -> list[Trajectory]:
     """Play every env to the end in one batch (row r of the KV cache <-> trajectory live[r]).
 
     Each env step appends only its new tokens to the cache: an action is decoded once, the environment's
-    answer is prefilled once. Rows leave the batch when their episode ends."""
+    answer is prefilled once. Rows leave the batch when their episode ends.
+    forced[i]: action texts played first without the model (a replayed prefix, or a ground-truth episode);
+        their steps have no logprobs. The model takes over where they end, unless the episode is over.
+    hints[i]: (step, text): a feedback user message inserted right before assistant step `step` (0-based),
+        kept in the context from there on (the feedback-placement analysis)."""
+    import prompts
     eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     end_text, stop = tok.decode([eot]), eos_ids(tok, model)
+    forced, hints = forced or [[]] * len(envs), hints or [None] * len(envs)
     trajs, chunks, headers = [], [], []
-    for env in envs:
+
+    def hint_at(i: int) -> list[dict]:  # the feedback message, if env i's next assistant step is the hinted one
+        h = hints[i]
+        return [prompts.feedback_message(h[1])] if h is not None and h[0] == len(trajs[i].steps) else []
+
+    def play(i: int, action: list[int], logprobs: list[float]) -> bool:
+        """Append chunk + action to trajectory i, step its env, queue the next chunk. False when it ends."""
+        t, env = trajs[i], envs[i]
+        t.tokens += chunks[i]
+        start = len(t.tokens)
+        t.tokens += action
+        body = action[:-1] if action[-1] in stop else action
+        text = tok.decode(body, skip_special_tokens=False)
+        t.steps.append(Step(env.turn, start - headers[i], start, len(t.tokens), text, logprobs))
+        t.messages.append({"role": "assistant", "content": text})
+        new = env.step(text)
+        if env.done:
+            t.status = "done"
+            t.messages += new
+            return False
+        new += hint_at(i)
+        ids, headers[i] = continuation_ids(tok, t.messages, new, env.tools, end_text)
+        t.messages += new
+        chunks[i] = ([] if action[-1] == eot else [eot]) + ids  # close a truncated action ourselves
+        if len(t.tokens) + len(chunks[i]) + cfg.max_new_tokens > cfg.max_len:
+            t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
+            return False
+        return True
+
+    for i, env in enumerate(envs):
         msgs = env.reset()
-        ids, hl = prompt_ids(tok, msgs, env.tools)
         trajs.append(Trajectory(env.task["id"], env.task.get("category", ""), list(msgs), status="running"))
+        trajs[i].messages += hint_at(i)
+        ids, hl = prompt_ids(tok, trajs[i].messages, env.tools)
         chunks.append(ids)
         headers.append(hl)
-    for t, c in zip(trajs, chunks):
-        if len(c) + cfg.max_new_tokens > cfg.max_len:
-            t.status = "overflow"
+        if len(ids) + cfg.max_new_tokens > cfg.max_len:
+            trajs[i].status = "overflow"
+        for text in forced[i]:
+            if trajs[i].status != "running" or not play(i, encode(tok, text) + [eot], []):
+                break
     live = [i for i, t in enumerate(trajs) if t.status == "running"]
-    state, logits = start_state(model, tok, [chunks[i] for i in live]) if live else (None, None)
+    if live:  # a replayed prefix is already in trajs[i].tokens; the cache needs all of it
+        state, logits = start_state(model, tok, [trajs[i].tokens + chunks[i] for i in live])
     while live:
         outs = decode(model, tok, state, logits, cfg.max_new_tokens, cfg.temperature, cfg.top_p, gen, stop,
                       progress=progress)
-        keep = []
-        for r, i in enumerate(live):
-            t, env, c = trajs[i], envs[i], outs[r]
-            t.tokens += chunks[i]
-            start = len(t.tokens)
-            t.tokens += c.tokens
-            body = c.tokens[:-1] if c.stop == "eos" else c.tokens
-            text = tok.decode(body, skip_special_tokens=False)
-            t.steps.append(Step(env.turn, start - headers[i], start, len(t.tokens), text, c.logprobs))
-            t.messages.append({"role": "assistant", "content": text})
-            new = env.step(text)
-            if env.done:
-                t.status = "done"
-                t.messages += new
-                continue
-            ids, headers[i] = continuation_ids(tok, t.messages, new, envs[i].tools, end_text)
-            t.messages += new
-            chunks[i] = ([] if c.tokens[-1] == eot else [eot]) + ids  # close a truncated action ourselves
-            if len(t.tokens) + len(chunks[i]) + cfg.max_new_tokens > cfg.max_len:
-                t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
-                continue
-            keep.append(r)
+        keep = [r for r, i in enumerate(live) if play(i, outs[r].tokens, outs[r].logprobs)]
         if not keep:
             break
         if keep != list(range(len(live))):
@@ -411,7 +434,7 @@ def rollout(model, tok, envs: list, cfg: SamplingConfig, gen: torch.Generator, p
     return trajs
 
 
-# ----------------------------------------------------------------------------- 4. the loss
+# ----------------------------------------------------------------------------- 4. the losses
 def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                     topk: int | None = None) -> torch.Tensor:
     """Mean over masked tokens of KL(student || teacher), the HINT-SD distillation loss. Self-contained.
@@ -439,6 +462,20 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     kl = (s.exp() * (s - t)).sum(-1)                                # [...]
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp(min=1.0)
+
+
+def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 0.2) -> torch.Tensor:
+    """Mean over masked tokens of the clipped policy-gradient surrogate (the GRPO baseline). Self-contained.
+
+    logp: [...] log p(token) under the current policy (with grad); old_logp: [...] the same at sampling time;
+    advantages: [...] per token (GRPO: the trajectory's group-normalised reward on each of its tokens).
+        ratio r = exp(logp - old_logp);  loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)
+    With one update per batch r starts at 1, and the gradient is -A * grad log p."""
+    ratio = torch.exp(logp - old_logp.detach())
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    m = mask.to(surrogate.dtype)
+    return -(surrogate * m).sum() / m.sum().clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------- 5. LoRA and the EMA teacher
@@ -500,15 +537,16 @@ class Shadow:
         self.swap()
 
 
-# ----------------------------------------------------------------------------- 6. targets: which steps, what feedback
+# ----------------------------------------------------------------------------- 6. learning signals: what each method trains on
 FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "oracle")
 
 
 @dataclass
 class Target:
-    traj: int      # index of the trajectory in the batch
-    step: int      # index into trajectory.steps (0-based)
+    traj: int               # index of the trajectory in the batch
+    step: int               # index into trajectory.steps (0-based): the action whose tokens are distilled
     feedback: str
+    at: int | None = None   # the step before whose header the teacher sees the feedback (None: `step` itself)
 
 
 def step_outputs(messages: list[dict]) -> list[str]:
@@ -522,6 +560,26 @@ def step_outputs(messages: list[dict]) -> list[str]:
     return outs
 
 
+def step_requests(messages: list[dict]) -> list[str]:
+    """The user request each assistant step answers (the latest user message before it)."""
+    last, out = "", []
+    for m in messages:
+        if m["role"] == "user":
+            last = str(m["content"])
+        elif m["role"] == "assistant":
+            out.append(last)
+    return out
+
+
+def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, desc: str) -> list[str]:
+    """Greedy answers to a list of chats (analyzer, judge), in small batches of long prompts."""
+    ids = [prompt_ids(tok, c, None)[0] for c in chats]
+    outs = []
+    for i in tqdm(range(0, len(ids), 4), desc=desc, leave=False):
+        outs += generate(model, tok, ids[i:i + 4], max_new_tokens, temperature=0.0)
+    return [tok.decode(c.tokens, skip_special_tokens=True) for c in outs]
+
+
 def env_feedback(t: Trajectory, k: int) -> list[tuple[int, str]]:
     """Table-3 'environment output' source: no analyzer. The first k steps whose output is an error
     (else the last step), with the raw output as the feedback."""
@@ -530,18 +588,14 @@ def env_feedback(t: Trajectory, k: int) -> list[tuple[int, str]]:
     return [(i + 1, f"The environment answered your previous attempt with: {outs[i][:500]}") for i in errs]
 
 
-def analyzer_feedback(model, tok, trajs: list[Trajectory], k: int, max_new_tokens: int, gen,
+def analyzer_feedback(model, tok, trajs: list[Trajectory], k: int, max_new_tokens: int,
                       stats: dict) -> list[list[tuple[int, str]]]:
     """The policy (with whatever weights are active) reads each whole failed trajectory and names <= k steps."""
     import prompts
-    chats = [prompts.analyzer_messages(t.messages, t.reward, k) for t in trajs]
-    ids = [prompt_ids(tok, c, None)[0] for c in chats]
-    outs = []
-    for i in tqdm(range(0, len(ids), 4), desc="  analysis", leave=False):  # small batches of long prompts
-        outs += generate(model, tok, ids[i:i + 4], max_new_tokens, temperature=0.0)
+    texts = generate_texts(model, tok, [prompts.analyzer_messages(t.messages, t.reward, k) for t in trajs],
+                           max_new_tokens, "  analysis")
     parsed = []
-    for t, c in zip(trajs, outs):
-        text = tok.decode(c.tokens, skip_special_tokens=True)
+    for t, text in zip(trajs, texts):
         p = prompts.parse_analysis(text, len(t.steps), k)
         stats["parse_failures"] += not p
         stats.setdefault("analyses", []).append(text)
@@ -550,14 +604,13 @@ def analyzer_feedback(model, tok, trajs: list[Trajectory], k: int, max_new_token
 
 
 def select_targets(model, tok, trajs: list[Trajectory], source: str, k: int, shadows: dict, tasks_by_id: dict,
-                   action_format: str, analyzer_tokens: int, gen, stats: dict) -> list[Target]:
-    """Hindsight for every failed trajectory: up to k (step, feedback) targets, earliest first."""
+                   action_format: str, analyzer_tokens: int, stats: dict) -> list[Target]:
+    """HINT-SD hindsight for every failed trajectory: up to k (step, feedback) targets, earliest first."""
     import envs
     failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
     if source in ("ema", "policy", "initial"):
-        shadow = shadows.get(source)
-        with shadow if shadow is not None else nullcontext():
-            picks = analyzer_feedback(model, tok, [trajs[i] for i in failed], k, analyzer_tokens, gen, stats)
+        with shadows.get(source) or nullcontext():
+            picks = analyzer_feedback(model, tok, [trajs[i] for i in failed], k, analyzer_tokens, stats)
     elif source == "env":
         picks = [env_feedback(trajs[i], k) for i in failed]
     elif source == "oracle":
@@ -568,7 +621,59 @@ def select_targets(model, tok, trajs: list[Trajectory], source: str, k: int, sha
     return [Target(i, step - 1, fb) for i, p in zip(failed, picks) for step, fb in p]
 
 
-# ----------------------------------------------------------------------------- 7. targeted self-distillation
+def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Target]:
+    """SDPO baseline: the same hindsight, joined into one feedback message placed before the FIRST action,
+    and every action of the failed trajectory distilled (no target selection)."""
+    by_traj: dict[int, list[str]] = {}
+    for tg in sorted(hindsight, key=lambda tg: (tg.traj, tg.step)):
+        by_traj.setdefault(tg.traj, []).append(tg.feedback)
+    return [Target(i, j, "\n".join(fbs), at=0) for i, fbs in by_traj.items() for j in range(len(trajs[i].steps))]
+
+
+def judge_targets(model, tok, trajs: list[Trajectory], max_new_tokens: int, stats: dict) -> list[Target]:
+    """OpenClaw-RL-style dense feedback: one judge call per assistant turn of every rollout, reading the turn's
+    request, the action and the next state. It gives a +-1 score and maybe a hint; every turn with a hint
+    becomes a target whose feedback sits right before that turn's action (the teacher of that turn only)."""
+    import prompts
+    items = [(i, j) for i, t in enumerate(trajs) for j in range(len(t.steps))]
+    chats = []
+    for i, t in enumerate(trajs):
+        reqs, outs = step_requests(t.messages), step_outputs(t.messages)
+        chats += [prompts.judge_messages(reqs[j], s.text, outs[j]) for j, s in enumerate(t.steps)]
+    targets = []
+    for (i, j), text in zip(items, generate_texts(model, tok, chats, max_new_tokens, "  judge")):
+        verdict = prompts.parse_judgement(text)
+        stats["judge_calls"] += 1
+        if verdict is None:
+            stats["parse_failures"] += 1
+            continue
+        score, hint = verdict
+        stats["judge_score_sum"] += score
+        if hint:
+            targets.append(Target(i, j, hint))
+    return targets
+
+
+def group_advantages(rewards: list[float], group: int) -> list[float]:
+    """GRPO: each reward minus its group's mean, over the group's std (groups = the n rollouts of one task,
+    consecutive). A group whose rewards are all equal gets 0: no signal."""
+    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
+    return adv.flatten().tolist()
+
+
+def ground_truth_replays(model, tok, tasks: list[dict], action_format: str, max_len: int) -> list[Trajectory]:
+    """SFT demonstrations: each BFCL task's ground-truth calls played through the real env and tokenized exactly
+    as a rollout (the stand-in for a stronger model's successful trajectories). The model is not called."""
+    import envs
+    out = []
+    for task in tasks:
+        env = envs.make_env(task, action_format)  # no step cap below 20: the whole ground-truth episode
+        out += rollout(model, tok, [env], SamplingConfig(max_len=max_len), None, forced=[env.ground_truth_actions()])
+    return [t for t in out if t.reward == 1.0]
+
+
+# ----------------------------------------------------------------------------- 7. updates: distillation, GRPO, SFT
 def feedback_ids(tok, text: str) -> list[int]:
     """Token ids of the one user message that carries the feedback, as the chat template renders it."""
     import prompts
@@ -586,33 +691,38 @@ def crop_to(cache, length: int) -> None:
 
 
 @torch.no_grad()
-def teacher_logits(model, traj: Trajectory, steps: list[Step], fb: list[list[int]], reuse_prefix: bool = True):
-    """Teacher logits on each target's action tokens; teacher context = the rollout's own ids up to the action's
-    header, then the feedback message, then the same header and action ids. Returns a list of [n_i, V].
+def teacher_logits(model, traj: Trajectory, steps: list[Step], fb: list[list[int]], reuse_prefix: bool = True,
+                   at: list[int] | None = None) -> list[torch.Tensor]:
+    """Teacher logits on each target's action tokens. Returns a list of [n_j, V].
 
-    reuse_prefix: run the shared prefix once and keep its KV cache; each target then costs only its
-    feedback + action tokens (targets are visited latest-first, so the cache is only ever cropped)."""
+    Teacher context of target j = the rollout's own ids up to position at[j], the feedback message fb[j], then
+    the rollout's ids from at[j] through the action. at[j] defaults to the action's header (HINT-SD: feedback
+    right before the target action); SDPO passes the first action's header for every target.
+    Targets that share (at, feedback) share one forward. reuse_prefix: run the shared prefix once and keep its
+    KV cache; each group then costs only its own tokens (groups are visited latest-first, so the cache is only
+    ever cropped)."""
     from transformers import DynamicCache
-    dev, out = model.device, [None] * len(steps)
-    base = model.base_model
-    order = sorted(range(len(steps)), key=lambda j: -steps[j].header)
+    dev, out, base = model.device, [None] * len(steps), model.base_model
+    at = at or [s.header for s in steps]
+    groups: dict[tuple, list[int]] = {}
+    for j in range(len(steps)):
+        groups.setdefault((at[j], tuple(fb[j])), []).append(j)
     cache = DynamicCache(config=model.config)
     if reuse_prefix:
-        top = steps[order[0]].header
-        base(input_ids=torch.tensor([traj.tokens[:top]], device=dev), cache=cache, use_cache=True)
-    for j in order:
-        s = steps[j]
-        chunk = fb[j] + traj.tokens[s.header:s.end]
+        base(input_ids=torch.tensor([traj.tokens[:max(at)]], device=dev), cache=cache, use_cache=True)
+    for (a, f), js in sorted(groups.items(), key=lambda g: -g[0][0]):
+        chunk = list(f) + traj.tokens[a:max(steps[j].end for j in js)]
         if reuse_prefix:
-            crop_to(cache, s.header)
-            pos = torch.arange(s.header, s.header + len(chunk), device=dev)[None]
+            crop_to(cache, a)
+            pos = torch.arange(a, a + len(chunk), device=dev)[None]
             h = base(input_ids=torch.tensor([chunk], device=dev), position_ids=pos, cache=cache,
                      use_cache=True).last_hidden_state[0]
-        else:  # naive: the whole teacher context from scratch for every target
-            ids = traj.tokens[:s.header] + chunk
-            h = base(input_ids=torch.tensor([ids], device=dev)).last_hidden_state[0, s.header:]
-        off = len(fb[j]) + (s.start - s.header)  # chunk index of the first action token
-        out[j] = lm_logits(model, h[off - 1: off - 1 + s.end - s.start])
+        else:  # naive: the whole teacher context from scratch for every group
+            h = base(input_ids=torch.tensor([traj.tokens[:a] + chunk], device=dev)).last_hidden_state[0, a:]
+        for j in js:
+            s = steps[j]
+            off = len(f) + s.start - a  # chunk index of the first action token; its logits sit one row earlier
+            out[j] = lm_logits(model, h[off - 1: off - 1 + s.end - s.start])
     return out
 
 
@@ -620,9 +730,19 @@ def student_logits(model, traj: Trajectory, steps: list[Step]) -> torch.Tensor:
     """One forward of the rollout's ids, truncated after the last target; logits only where targets are.
     Returns [sum of span lengths, V] (row i predicts the i-th targeted action token)."""
     end = max(s.end for s in steps)
-    h = model.base_model(input_ids=torch.tensor([traj.tokens[:end]], device=model.device)).last_hidden_state[0]
+    model.train()  # gradient checkpointing (if enabled) acts in train mode only; the model has no dropout
+    try:
+        h = model.base_model(input_ids=torch.tensor([traj.tokens[:end]], device=model.device)).last_hidden_state[0]
+    finally:
+        model.eval()
     pos = torch.cat([torch.arange(s.start - 1, s.end - 1) for s in steps]).to(model.device)
     return lm_logits(model, h[pos])
+
+
+def action_logprobs(model, traj: Trajectory, steps: list[Step]) -> torch.Tensor:
+    """log p(action token | rollout prefix) under the current weights, with grad. [sum of span lengths]"""
+    ids = torch.tensor([x for s in steps for x in traj.tokens[s.start:s.end]], device=model.device)
+    return torch.log_softmax(student_logits(model, traj, steps).float(), -1).gather(-1, ids[:, None])[:, 0]
 
 
 def action_mask_text(tok, traj: Trajectory, steps: list[Step]) -> list[str]:
@@ -631,48 +751,77 @@ def action_mask_text(tok, traj: Trajectory, steps: list[Step]) -> list[str]:
 
 
 def new_stats() -> dict:
-    """The counters that select_targets and distill add to (summed over a step)."""
-    return {"parse_failures": 0, "skipped_overflow": 0, "kl_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0}
+    """The counters that the signal and update functions add to (summed over a step)."""
+    return {"parse_failures": 0, "skipped_overflow": 0, "loss_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0,
+            "judge_calls": 0, "judge_score_sum": 0}
 
 
 def distill(model, tok, trajs: list[Trajectory], targets: list[Target], teacher: Shadow | None, max_len: int,
             topk: int | None, stats: dict, backward: bool = True, reuse_prefix: bool = True,
             teacher_cache: dict | None = None) -> None:
-    """Accumulate grads of the targeted reverse KL, averaged over all targeted tokens of the batch.
+    """Accumulate grads of the targeted reverse KL, averaged over all targeted tokens of the batch
+    (HINT-SD, SDPO and OpenClaw differ only in their targets).
 
     teacher: the shadow weights the teacher runs with (EMA), or None for the current policy (no grad).
     teacher_cache: trajectory index -> teacher logits; filled when given, and reused when already there."""
-    by_traj: dict[int, list[Target]] = {}
+    by_traj: dict[int, list] = {}
     for tg in targets:
         t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
         fb = feedback_ids(tok, tg.feedback)
         if s.end + len(fb) > max_len:
             stats["skipped_overflow"] += 1  # a teacher context that does not fit: skipped and counted
             continue
-        by_traj.setdefault(tg.traj, []).append((s, fb))
-    total = sum(s.end - s.start for items in by_traj.values() for s, _ in items)
+        at = t.steps[tg.at].header if tg.at is not None else s.header
+        by_traj.setdefault(tg.traj, []).append((s, fb, at))
+    total = sum(s.end - s.start for items in by_traj.values() for s, _, _ in items)
     for i, items in tqdm(by_traj.items(), desc="  update" if backward else "  after-check", leave=False):
-        steps, fbs = [s for s, _ in items], [f for _, f in items]
+        steps, fbs, ats = map(list, zip(*items))
         if teacher_cache is not None and i in teacher_cache:
             tl = teacher_cache[i]
         else:
-            with teacher if teacher is not None else nullcontext():
-                tl = torch.cat(teacher_logits(model, trajs[i], steps, fbs, reuse_prefix))
+            with teacher or nullcontext():
+                tl = torch.cat(teacher_logits(model, trajs[i], steps, fbs, reuse_prefix, ats))
             if teacher_cache is not None:
                 teacher_cache[i] = tl
-        model.train()  # gradient checkpointing (if enabled) acts in train mode only; the model has no dropout
         sl = student_logits(model, trajs[i], steps)
-        model.eval()
-        mask = torch.ones(sl.shape[0], device=sl.device)
-        loss = reverse_kl_loss(sl, tl, mask, topk)
+        loss = reverse_kl_loss(sl, tl, torch.ones(sl.shape[0], device=sl.device), topk)
         if backward:
             (loss * sl.shape[0] / total).backward()
         with torch.no_grad():
-            stats["kl_sum"] += float(loss) * sl.shape[0]
+            stats["loss_sum"] += float(loss) * sl.shape[0]
             stats["tokens"] += sl.shape[0]
             # does the student put mass on what the feedback-conditioned teacher prefers?
             lp = torch.log_softmax(sl.float(), -1).gather(-1, tl.argmax(-1, keepdim=True))
             stats["teacher_top1_logp_sum"] += float(lp.sum())
+
+
+def grpo_update(model, trajs: list[Trajectory], advantages: list[float], stats: dict, clip: float = 0.2) -> None:
+    """Accumulate grads of the clipped token-level policy gradient on every sampled action token, averaged
+    over all of them. A trajectory with advantage 0 adds no gradient (and is not run); its tokens still count
+    in the mean, as in the full computation."""
+    sampled = [[s for s in t.steps if s.logprobs] for t in trajs]
+    total = sum(len(s.logprobs) for steps in sampled for s in steps)
+    for t, steps, adv in tqdm(list(zip(trajs, sampled, advantages)), desc="  update", leave=False):
+        if adv == 0.0 or not steps:
+            continue
+        lp = action_logprobs(model, t, steps)
+        old = torch.tensor([x for s in steps for x in s.logprobs], device=lp.device)
+        loss = clipped_pg_loss(lp, old, torch.full_like(lp, adv), torch.ones_like(lp), clip)
+        (loss * lp.numel() / total).backward()
+        stats["loss_sum"] += float(loss.detach()) * lp.numel()
+        stats["tokens"] += lp.numel()
+
+
+def sft_update(model, trajs: list[Trajectory], stats: dict, backward: bool = True) -> None:
+    """Accumulate grads of the cross-entropy on every action token of the demonstrations, averaged over all."""
+    total = sum(s.end - s.start for t in trajs for s in t.steps)
+    for t in tqdm(trajs, desc="  update" if backward else "  after-check", leave=False):
+        lp = action_logprobs(model, t, t.steps)
+        loss = -lp.mean()
+        if backward:
+            (loss * lp.numel() / total).backward()
+        stats["loss_sum"] += float(loss.detach()) * lp.numel()
+        stats["tokens"] += lp.numel()
 
 
 # ----------------------------------------------------------------------------- 8. checkpoints
@@ -770,8 +919,45 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
 
 
+METHODS = ("hintsd", "sdpo", "openclaw", "grpo", "sft", "initial")
+DISTILL_METHODS = ("hintsd", "sdpo", "openclaw")
+PG_CLIP = 0.2  # GRPO ratio clip
+
+
+def learning_signal(model, tok, trajs: list[Trajectory], tasks: list, a, shadows: dict, tasks_by_id: dict,
+                    st: dict):
+    """What --method learns from this batch of rollouts: distillation targets, GRPO advantages, or SFT
+    demonstrations (None for `initial`, which never updates)."""
+    if a.method in ("hintsd", "sdpo"):
+        k = 1 if a.variant == "single" else 3  # Single: the first selected step of each failed rollout
+        targets = select_targets(model, tok, trajs, a.feedback, k, shadows, tasks_by_id, a.action_format,
+                                 a.analyzer_tokens, st)
+        return targets if a.method == "hintsd" else sdpo_targets(trajs, targets)
+    if a.method == "openclaw":
+        with shadows.get(a.feedback) or nullcontext():  # the judge runs with the analyzer's weights
+            return judge_targets(model, tok, trajs, a.analyzer_tokens, st)
+    if a.method == "grpo":
+        return group_advantages([t.reward for t in trajs], a.rollouts)
+    if a.method == "sft":  # the policy's own successes, plus ground-truth replays where the bench has them
+        gt = ground_truth_replays(model, tok, tasks, a.action_format, a.max_len) if a.bench == "bfcl" else []
+        st["sft_ground_truth"] = len(gt)
+        return [t for t in trajs if t.reward == 1.0] + gt
+    return None
+
+
+def update(model, tok, trajs: list[Trajectory], signal, a, shadows: dict, st: dict, cache: dict | None) -> None:
+    """Accumulate the gradients of --method's loss."""
+    if a.method in DISTILL_METHODS:
+        teacher = shadows.get("ema") if a.teacher == "ema" else None
+        distill(model, tok, trajs, signal, teacher, a.max_len, a.topk, st, teacher_cache=cache)
+    elif a.method == "grpo":
+        grpo_update(model, trajs, signal, st, PG_CLIP)
+    elif a.method == "sft":
+        sft_update(model, signal, st)
+
+
 def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, tasks_by_id: dict) -> dict:
-    """One HINT-SD step: rollouts -> rewards -> hindsight on failures -> targeted reverse KL -> AdamW -> EMA."""
+    """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA."""
     import envs
     st = new_stats()
     scfg = SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
@@ -782,33 +968,43 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
             trajs += rollout(model, tok, [envs.make_env(task, a.action_format, a.max_env_steps)
                                           for _ in range(a.rollouts)], scfg, gen, bar)
     t1 = time.time()
-    k = 1 if a.variant == "single" else 3  # Single: the first selected step of each failed rollout
-    targets = select_targets(model, tok, trajs, a.feedback, k, shadows, tasks_by_id, a.action_format,
-                             a.analyzer_tokens, gen, st)
+    signal = learning_signal(model, tok, trajs, tasks, a, shadows, tasks_by_id, st)
     t2 = time.time()
     opt.zero_grad(set_to_none=True)
-    teacher = shadows.get("ema") if a.teacher == "ema" else None
     cache = {} if a.after_check else None
-    if targets:
-        distill(model, tok, trajs, targets, teacher, a.max_len, a.topk, st, teacher_cache=cache)
+    if signal:
+        update(model, tok, trajs, signal, a, shadows, st, cache)
+    if st["tokens"]:  # GRPO with all-equal rewards, or no target / demonstration: no optimizer step
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         shadows["ema"].ema_update(a.ema_rate)
     t3 = time.time()
     n = max(st["tokens"], 1)
-    row = {"success_rate": sum(t.reward for t in trajs) / len(trajs), "rollouts": len(trajs),
+    targets = signal if a.method in DISTILL_METHODS else []
+    row = {"method": a.method, "success_rate": sum(t.reward for t in trajs) / len(trajs), "rollouts": len(trajs),
            "failed": sum(t.reward < 1.0 for t in trajs), "overflow_rollouts": sum(t.status == "overflow" for t in trajs),
            "targets": len(targets), "target_turns": [trajs[tg.traj].steps[tg.step].turn + 1 for tg in targets],
            "target_steps": [tg.step + 1 for tg in targets], "parse_failures": st["parse_failures"],
-           "skipped_overflow": st["skipped_overflow"], "kl": st["kl_sum"] / n, "tokens_supervised": st["tokens"],
-           "teacher_top1_logp": st["teacher_top1_logp_sum"] / n,
-           "time_rollout": t1 - t0, "time_analysis": t2 - t1, "time_update": t3 - t2}
-    if targets and a.after_check:  # the same targets and the same teacher logits, student after the update
-        after = new_stats()
+           "skipped_overflow": st["skipped_overflow"], "loss": st["loss_sum"] / n, "tokens_supervised": st["tokens"],
+           "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
+    if a.method in DISTILL_METHODS:
+        row.update(kl=row["loss"], teacher_top1_logp=st["teacher_top1_logp_sum"] / n)
+    if a.method == "openclaw":
+        row.update(judge_calls=st["judge_calls"], judge_mean_score=st["judge_score_sum"] / max(st["judge_calls"], 1))
+    if a.method == "grpo":
+        row["advantages"] = signal
+    if a.method == "sft":
+        row.update(sft_demos=len(signal), sft_ground_truth=st["sft_ground_truth"])
+    if st["tokens"] and a.after_check and a.method in DISTILL_METHODS + ("sft",):
+        after = new_stats()  # the same targets (and teacher logits) or demonstrations, after the update
         with torch.no_grad():
-            distill(model, tok, trajs, targets, teacher, a.max_len, a.topk, after, backward=False, teacher_cache=cache)
-        row["kl_after"] = after["kl_sum"] / max(after["tokens"], 1)
-        row["teacher_top1_logp_after"] = after["teacher_top1_logp_sum"] / max(after["tokens"], 1)
+            if a.method == "sft":
+                sft_update(model, signal, after, backward=False)
+            else:
+                distill(model, tok, trajs, targets, None, a.max_len, a.topk, after, backward=False, teacher_cache=cache)
+        row["loss_after"] = after["loss_sum"] / max(after["tokens"], 1)
+        if a.method != "sft":
+            row["teacher_top1_logp_after"] = after["teacher_top1_logp_sum"] / max(after["tokens"], 1)
     row["peak_mem_gb"] = peak_memory_gb(model.device)
     row["_rollouts"] = [{**t.to_json(), "targets": [tg.__dict__ for tg in targets if tg.traj == i]}
                         for i, t in enumerate(trajs)]
@@ -828,11 +1024,18 @@ def parse_args(argv=None):
                     help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
                     help="auto = cpu on a CPU device, paper otherwise")
+    ap.add_argument("--method", default="hintsd", choices=METHODS,
+                    help="hintsd: distil the analyzer's selected steps; sdpo: the same hindsight placed before the "
+                         "first action, every action of the failed rollout distilled; openclaw: a judge call per "
+                         "turn (+-1 and a hint), every hinted turn distilled; grpo: terminal reward, group-normalised "
+                         "advantages, clipped token-level policy gradient; sft: cross-entropy on successful "
+                         "trajectories (own successes + BFCL ground-truth replays); initial: rollouts only, no update")
     ap.add_argument("--variant", default="multi", choices=["single", "multi"],
                     help="single: the first selected step; multi: up to 3 steps per failed rollout")
     ap.add_argument("--feedback", default="ema", choices=FEEDBACK_SOURCES,
-                    help="who writes the hindsight: EMA teacher, current policy, frozen initial policy, "
-                         "raw environment output (no analyzer), or the BFCL ground-truth oracle")
+                    help="who writes the hindsight (hintsd, sdpo): EMA teacher, current policy, frozen initial "
+                         "policy, raw environment output (no analyzer), or the BFCL ground-truth oracle; "
+                         "openclaw's judge runs with the ema, policy or initial weights")
     ap.add_argument("--teacher", default="ema", choices=["ema", "policy"],
                     help="weights of the feedback-conditioned teacher: EMA copy or the current policy")
     ap.add_argument("--steps", type=int, help="optimizer steps (default: epochs over the train tasks)")
@@ -854,7 +1057,8 @@ def parse_args(argv=None):
     ap.add_argument("--action-format", default="json", choices=["json", "python"],
                     help="BFCL call format: the chat template's <tool_call> JSON, or [f(a=1)]; AppWorld acts in code")
     ap.add_argument("--after-check", action=argparse.BooleanOptionalAction, default=None,
-                    help="after each update, re-measure the KL on the same targets")
+                    help="after each update, re-measure the loss on the same targets (distillation) or "
+                         "demonstrations (sft)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/hintsd", help="run dir: metrics.jsonl, checkpoints, merged model")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -869,6 +1073,8 @@ def parse_args(argv=None):
     for key in ("rollouts", "tasks_per_step", "max_new_tokens", "max_len", "max_env_steps"):
         if getattr(a, key) is not None and getattr(a, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1")
+    if a.method == "openclaw" and a.feedback not in ("ema", "policy", "initial"):
+        ap.error("--method openclaw: the judge is the policy; use --feedback ema, policy or initial")
     if a.feedback == "oracle" and a.bench != "bfcl":
         ap.error("--feedback oracle needs BFCL ground truth; use it with --bench bfcl")
     if not 0.0 <= a.ema_rate <= 1.0:
@@ -896,7 +1102,7 @@ def main(argv=None):
     model.activation_checkpointing_enable({"use_reentrant": False})
     shadows = {"ema": Shadow(params)}
     if a.feedback == "initial":
-        shadows["initial"] = Shadow(params)
+        shadows["initial"] = Shadow(params)  # the frozen starting weights
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     gen = torch.Generator(device=model.device).manual_seed(a.seed)
     start = 0
@@ -906,10 +1112,10 @@ def main(argv=None):
         start = load_checkpoint(out, params, shadows, opt, gen)
         print(f"[hintsd] resumed from step {start}", file=sys.stderr)
     tasks_by_id = {t["id"]: t for t in tasks}
-    print(f"[hintsd] {a.bench}: {len(tasks)} train tasks, {steps} steps, variant={a.variant}, "
+    print(f"[hintsd] {a.bench}: {len(tasks)} train tasks, {steps} steps, method={a.method}, variant={a.variant}, "
           f"feedback={a.feedback}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable params", file=sys.stderr)
     with open(out / "metrics.jsonl", "a") as log, open(out / "rollouts.jsonl", "a") as rlog:
-        for step in tqdm(range(start, steps), desc="hintsd", unit="step", initial=start, total=steps):
+        for step in tqdm(range(start, steps), desc=a.method, unit="step", initial=start, total=steps):
             batch = tasks_for_step(tasks, step, a.tasks_per_step, a.seed)
             row = {"step": step + 1, "epoch": step * a.tasks_per_step // len(tasks) + 1,
                    "tasks": [t["id"] for t in batch]}
@@ -928,13 +1134,20 @@ def main(argv=None):
 
 
 def summary_line(r: dict) -> str:
-    s = (f"step {r['step']}: success {r['success_rate']:.2f} ({r['rollouts'] - r['failed']}/{r['rollouts']}), "
-         f"targets {r['targets']} (turns {r['target_turns']}), parse failures {r['parse_failures']}, "
-         f"KL {r['kl']:.4f} on {r['tokens_supervised']} tokens")
-    if "kl_after" in r:
-        s += (f" -> {r['kl_after']:.4f} after the update; student logp of teacher's top-1 "
-              f"{r['teacher_top1_logp']:.3f} -> {r['teacher_top1_logp_after']:.3f}")
-    return s + (f" | time rollout {r['time_rollout']:.0f}s analysis {r['time_analysis']:.0f}s "
+    loss = {"grpo": "PG loss", "sft": "CE"}.get(r["method"], "KL")
+    s = f"step {r['step']}: success {r['success_rate']:.2f} ({r['rollouts'] - r['failed']}/{r['rollouts']})"
+    if r["method"] in DISTILL_METHODS:
+        s += f", targets {r['targets']} (turns {r['target_turns']}), parse failures {r['parse_failures']}"
+    if r["method"] == "grpo":
+        s += f", advantages {[round(x, 2) for x in r['advantages']]}"
+    if r["method"] == "sft":
+        s += f", demonstrations {r['sft_demos']} ({r['sft_ground_truth']} ground truth)"
+    s += f", {loss} {r['loss']:.4f} on {r['tokens_supervised']} tokens"
+    if "loss_after" in r:
+        s += f" -> {r['loss_after']:.4f} after the update"
+    if "teacher_top1_logp_after" in r:
+        s += f"; student logp of teacher's top-1 {r['teacher_top1_logp']:.3f} -> {r['teacher_top1_logp_after']:.3f}"
+    return s + (f" | time rollout {r['time_rollout']:.0f}s feedback {r['time_feedback']:.0f}s "
                 f"update {r['time_update']:.0f}s, peak {r['peak_mem_gb']:.1f} GB")
 
 

@@ -1,11 +1,15 @@
 """
-Hindsight-analyzer prompt and a forgiving parser for its answers.
+Hindsight-analyzer prompt, the per-step judge prompt, and forgiving parsers for their answers.
 
 HINT-SD asks the policy itself to read a whole failed rollout and name up to k
 failure-relevant steps, each with a short correction. Steps are numbered by the
 assistant messages of the rollout: step n is the n-th assistant message (1-based).
 The chosen steps become distillation targets, and each correction is inserted as
 one user message (feedback_message) right before that step in the teacher context.
+
+The OpenClaw-RL-style baseline instead asks a judge about every single step
+(judge_messages: the request, the action and what came back); parse_judgement
+reads its +-1 score and optional hint.
 
 Small models rarely return clean JSON, so parse_analysis accepts code fences,
 prose around the JSON, a bare object or list, steps written as "3" or "Step 3",
@@ -214,3 +218,69 @@ def parse_analysis(text: str, n_steps: int, k: int = 3) -> list[tuple[int, str]]
         return []
     except Exception:                   # a parser bug must never stop training
         return []
+
+# -----------------------------------------------------------------------------
+# the per-turn judge (the OpenClaw-RL-style baseline)
+
+JUDGE_SYSTEM = ("You check one step of an AI agent that uses tools. You see the user's request, the agent's "
+                "action and what came back. You say whether the action was a correct step toward the request.")
+
+JUDGE_INSTRUCTIONS = """User request:
+{request}
+
+Agent action:
+{action}
+
+What came back:
+{outcome}
+
+Was this action a correct and useful step toward the request? Answer with JSON only, in one of these forms:
+{{"score": 1, "hint": ""}}
+{{"score": -1, "hint": "You should <what the agent should have done instead>."}}
+Replace the <...> part with your own advice for this step."""
+
+JUDGE_PLACEHOLDER = "<what the agent should have done instead>"
+MAX_JUDGE_FIELD_CHARS = 1_500   # request, action and outcome are each cut to this (their ends are kept)
+
+
+def _tail(text: str, n: int = MAX_JUDGE_FIELD_CHARS) -> str:
+    text = (text or "").strip() or "(nothing)"
+    return text if len(text) <= n else "..." + text[len(text) - n:]
+
+
+def judge_messages(request: str, action: str, outcome: str) -> list[dict]:
+    """Chat that asks the policy to judge one step from its next state: a +-1 score and maybe a hint."""
+    user = JUDGE_INSTRUCTIONS.format(request=_tail(request), action=_tail(action), outcome=_tail(outcome))
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def _as_score(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)) and value in (1, -1):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?1\s*", value):
+        return int(value)
+    return None
+
+
+def parse_judgement(text: str) -> tuple[int, str] | None:
+    """(score, hint) from the judge's raw answer: score is +1 or -1, hint is "" when none was given (or the
+    template's placeholder was copied). None for anything unusable. Never raises."""
+    try:
+        if not isinstance(text, str) or not text.strip():
+            return None
+        for chunk in _chunks(text[:MAX_PARSE_CHARS]):
+            for attempt in (chunk, _repair(chunk)):
+                for v in _json_values(attempt.strip()):
+                    if not isinstance(v, dict):
+                        continue
+                    score = _as_score(_lookup(v, ("score", "reward", "rating")))
+                    if score is None:
+                        continue
+                    hint = _lookup(v, ("hint",) + FEEDBACK_KEYS)
+                    hint = hint.strip()[:MAX_FEEDBACK_CHARS].rstrip() if isinstance(hint, str) else ""
+                    return score, ("" if "<" in hint and ">" in hint and JUDGE_PLACEHOLDER[1:-1] in hint else hint)
+        return None
+    except Exception:                   # a parser bug must never stop training
+        return None

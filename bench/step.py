@@ -7,7 +7,7 @@ own: on CPU the growth of peak RSS over the loaded model, on CUDA torch's peak a
 (after one untimed warm-up pass):
   hintsd  K targets per failed rollout; one student forward truncated after the last target; the teacher
           runs the shared prefix once and reuses its KV cache for every target.
-  full    SDPO-style: the same feedback placed once at the start of the trajectory; the student is
+  full    SDPO (hintsd.sdpo_targets): the same feedback placed once before the first action; the student is
           distilled on every action token of the failed rollout.
   naive   hintsd's targets, but the teacher recomputes the whole prefix for every target.
 Targets are K steps evenly spaced over each failed rollout, so the analyzer's choice does not enter the timing.
@@ -33,23 +33,6 @@ def spread_steps(n: int, k: int) -> list[int]:
     return sorted({min(n - 1, round((i + 1) * n / (k + 1))) for i in range(k)})
 
 
-def full_trajectory_update(model, tok, t, teacher, fb_ids):
-    """SDPO-style: teacher = feedback message inserted before the first action, student = the rollout;
-    reverse KL on every action token of the trajectory."""
-    first = t.steps[0].header
-    t_ids = t.tokens[:first] + fb_ids + t.tokens[first:t.steps[-1].end]
-    with teacher, torch.no_grad():
-        h = model.base_model(input_ids=torch.tensor([t_ids], device=model.device)).last_hidden_state[0]
-        pos = torch.cat([torch.arange(s.start - 1, s.end - 1) for s in t.steps]) + len(fb_ids)
-        tl = hintsd.lm_logits(model, h[pos.to(model.device)])
-    model.train()
-    sl = hintsd.student_logits(model, t, t.steps)
-    model.eval()
-    loss = hintsd.reverse_kl_loss(sl, tl, torch.ones(sl.shape[0], device=sl.device))
-    loss.backward()
-    return sl.shape[0]
-
-
 def run_one(args):
     """Child process: load the model, time one update of the given method, print a JSON line."""
     model, tok = hintsd.load_model(args.model, args.device)
@@ -58,13 +41,13 @@ def run_one(args):
     teacher = hintsd.Shadow(params)
     trajs = [hintsd.Trajectory.from_json(json.loads(x)) for x in open(args.trajs)]
     trajs = [t for t in trajs if t.reward < 1.0 and len(t.steps) >= 2]
+    spread = [hintsd.Target(i, j, FEEDBACK) for i, t in enumerate(trajs) for j in spread_steps(len(t.steps), args.k)]
+    # full = SDPO: the same feedback once before the first action, every action token distilled
+    targets = hintsd.sdpo_targets(trajs, spread) if args.method == "full" else spread
+
     def update():
-        if args.method == "full":
-            fb = hintsd.feedback_ids(tok, FEEDBACK)
-            return sum(full_trajectory_update(model, tok, t, teacher, fb) for t in trajs)
-        targets = [hintsd.Target(i, j, FEEDBACK) for i, t in enumerate(trajs) for j in spread_steps(len(t.steps), args.k)]
         st = hintsd.new_stats()
-        hintsd.distill(model, tok, trajs, targets, teacher, 1 << 30, None, st, reuse_prefix=args.method == "hintsd")
+        hintsd.distill(model, tok, trajs, targets, teacher, 1 << 30, None, st, reuse_prefix=args.method != "naive")
         return st["tokens"]
 
     cuda = model.device.type == "cuda"

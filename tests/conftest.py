@@ -46,3 +46,22 @@ def tiny_qwen(qwen_tok, tmp_path_factory):
     model.save_pretrained(d)
     qwen_tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def policy(tiny_qwen):
+    """(model, tokenizer) of tiny_qwen, loaded the way hintsd.py loads any model dir."""
+    import hintsd
+    return hintsd.load_model(str(tiny_qwen))
+
+
+@pytest.fixture(scope="session")
+def trajs(policy):
+    """Two real BFCL rollouts of the tiny policy (reward 0, up to 4 steps each)."""
+    import envs
+    import hintsd
+    model, tok = policy
+    task = envs.load_tasks("bfcl", "train")[0]
+    cfg = hintsd.SamplingConfig(max_new_tokens=12, temperature=1.0, max_len=16384)
+    gen = torch.Generator().manual_seed(0)
+    return hintsd.rollout(model, tok, [envs.make_env(task, max_steps=4) for _ in range(2)], cfg, gen)

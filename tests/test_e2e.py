@@ -23,13 +23,13 @@ def test_embedded_model_real_bfcl_rollout_and_one_hintsd_update(embedded_dir):
 
     failed = [i for i, t in enumerate(trajs) if t.reward < 1.0]
     stats = hintsd.new_stats()
-    targets = hintsd.select_targets(model, tok, trajs, "oracle", 3, {}, {task["id"]: task}, "json", 0, gen, stats)
+    targets = hintsd.select_targets(model, tok, trajs, "oracle", 3, {}, {task["id"]: task}, "json", 0, stats)
     assert failed and targets and all(trajs[tg.traj].reward < 1.0 for tg in targets)
     student = copy.deepcopy(model)
     params = hintsd.trainable_params(student, 8, 16)
     st = hintsd.new_stats()
     hintsd.distill(student, tok, trajs, targets, hintsd.Shadow(params), 8192, None, st)
     assert st["tokens"] == sum(trajs[tg.traj].steps[tg.step].end - trajs[tg.traj].steps[tg.step].start for tg in targets)
-    assert st["kl_sum"] > 0 and torch.isfinite(torch.tensor(st["kl_sum"]))  # the feedback changes the teacher
+    assert st["loss_sum"] > 0 and torch.isfinite(torch.tensor(st["loss_sum"]))  # the feedback changes the teacher
     grads = [p.grad for p in params if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

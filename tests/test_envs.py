@@ -20,13 +20,11 @@ def task_by_id(tasks, tid):
 
 
 def replay_ground_truth(env):
-    """Each turn: the ground-truth calls as one step, then a no-call text to end the turn."""
+    """env.ground_truth_actions(): each turn's ground-truth calls as one step, then a no-call step."""
     env.reset()
-    for turn in range(len(env.task["turns"])):
-        out = env.step(env.ground_truth_action(turn))
-        assert not any(m["content"].startswith("Error:") for m in out), (env.task["id"], turn, out)
-        if env.turn == turn and not env.done:  # the turn had calls: end it
-            env.step("Done.")
+    for text in env.ground_truth_actions():
+        out = env.step(text)
+        assert not any(m["content"].startswith("Error:") for m in out), (env.task["id"], env.turn, out)
     assert env.done
     return env.reward()
 

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import eval as ev
 
 
@@ -21,8 +23,33 @@ def test_eval_cli_writes_trajectories_and_summary(tiny_qwen, tmp_path, capsys):
     assert len(lines) == 4 and all({"messages", "tokens", "steps", "reward"} <= set(x) for x in lines)
     s = json.loads((out / "summary.json").read_text())
     assert s["overall"]["rollouts"] == 4 and s["overall"]["tasks"] == 2 and s["k"] == 2
-    capsys.readouterr()
-    ev.main(["--compare", str(out), str(out)])
+    assert s["bench"] == "bfcl"
+
+
+def test_compare_prints_table_1_layout(tmp_path, capsys):
+    def summary(path, bench, avg, best):
+        path.mkdir(parents=True)
+        (path / "summary.json").write_text(json.dumps(
+            {"bench": bench, "k": 4, "overall": {"tasks": 5, "rollouts": 20, "avg_at_k": avg, "best_at_k": best}}))
+    summary(tmp_path / "bfcl" / "initial", "bfcl", 10.0, 20.0)
+    summary(tmp_path / "bfcl" / "hintsd", "bfcl", 25.0, 40.0)
+    summary(tmp_path / "appworld" / "hintsd", "appworld", 5.0, 7.5)
+    ev.main(["--compare", *(str(tmp_path / p) for p in ("bfcl/initial", "bfcl/hintsd", "appworld/hintsd"))])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| run | tasks | Avg@k | Best@k |") and len(lines) == 4
-    assert lines[2] == lines[3] == "| run | 2 | 0.00 | 0.00 |"
+    assert lines[0] == ("| method | bfcl Avg@k | bfcl Best@k | bfcl tasks x k | appworld Avg@k | appworld Best@k "
+                        "| appworld tasks x k |")
+    assert lines[2] == "| initial | 10.00 | 20.00 | 5 x 4 | - | - | - |"
+    assert lines[3] == "| hintsd | 25.00 | 40.00 | 5 x 4 | 5.00 | 7.50 | 5 x 4 |" and len(lines) == 4
+    with pytest.raises(SystemExit, match="no summary.json"):
+        ev.main(["--compare", str(tmp_path)])
+
+
+def test_turns_reads_target_steps_per_epoch(tmp_path, capsys):
+    rows = [{"epoch": 1, "target_steps": [1, 2, 5, 9]}, {"epoch": 1, "target_steps": []},
+            {"epoch": 2, "target_steps": [12, 3]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev.main(["--turns", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    name = tmp_path.name
+    assert lines[2:] == [f"| {name} | 1 | 4 | 50.0% | 25.0% | 25.0% |", f"| {name} | 2 | 2 | 50.0% | 0.0% | 50.0% |",
+                         f"| {name} | all | 6 | 50.0% | 16.7% | 33.3% |"]
