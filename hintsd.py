@@ -10,9 +10,9 @@ Reading order:
   4. the losses           reverse_kl_loss(): KL(student || teacher) on masked tokens; clipped_pg_loss() (GRPO)
   5. LoRA, EMA teacher    LoRALinear, add_lora, Shadow (a second set of adapter values, swapped in)
   6. learning signals     select_targets(): hindsight analyzer / environment output / ground-truth oracle;
-                          the baselines' sdpo_targets, judge_targets, group_advantages, ground_truth_replays
+                          the baselines' sdpo_targets, judge_steps, group_advantages, ground_truth_replays
   7. updates              teacher_logits (prefix KV reuse), student_logits (one truncated forward), distill;
-                          grpo_update, sft_update
+                          pg_update (GRPO, OpenClaw scores), sft_update
   8. checkpoints          atomic save / exact resume / merge
   9. training loop        train_step(), main()
 """
@@ -630,28 +630,29 @@ def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Targe
     return [Target(i, j, "\n".join(fbs), at=0) for i, fbs in by_traj.items() for j in range(len(trajs[i].steps))]
 
 
-def judge_targets(model, tok, trajs: list[Trajectory], max_new_tokens: int, stats: dict) -> list[Target]:
-    """OpenClaw-RL-style dense feedback: one judge call per assistant turn of every rollout, reading the turn's
-    request, the action and the next state. It gives a +-1 score and maybe a hint; every turn with a hint
-    becomes a target whose feedback sits right before that turn's action (the teacher of that turn only)."""
+def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int,
+                stats: dict) -> tuple[list[Target], list[list[float]]]:
+    """OpenClaw-RL-style dense feedback: one judge call per assistant step of every rollout, reading the step's
+    request, the action and the next state. The judge gives a +-1 score and maybe a hint. Returns the targets
+    (every hinted step, its hint right before that step's action: the teacher of that step only) and the
+    scores per trajectory and step (0 where the answer could not be parsed)."""
     import prompts
     items = [(i, j) for i, t in enumerate(trajs) for j in range(len(t.steps))]
     chats = []
     for i, t in enumerate(trajs):
         reqs, outs = step_requests(t.messages), step_outputs(t.messages)
         chats += [prompts.judge_messages(reqs[j], s.text, outs[j]) for j, s in enumerate(t.steps)]
-    targets = []
+    targets, scores = [], [[0.0] * len(t.steps) for t in trajs]
     for (i, j), text in zip(items, generate_texts(model, tok, chats, max_new_tokens, "  judge")):
         verdict = prompts.parse_judgement(text)
         stats["judge_calls"] += 1
         if verdict is None:
             stats["parse_failures"] += 1
             continue
-        score, hint = verdict
-        stats["judge_score_sum"] += score
+        scores[i][j], hint = float(verdict[0]), verdict[1]
         if hint:
             targets.append(Target(i, j, hint))
-    return targets
+    return targets, scores
 
 
 def group_advantages(rewards: list[float], group: int) -> list[float]:
@@ -753,7 +754,7 @@ def action_mask_text(tok, traj: Trajectory, steps: list[Step]) -> list[str]:
 def new_stats() -> dict:
     """The counters that the signal and update functions add to (summed over a step)."""
     return {"parse_failures": 0, "skipped_overflow": 0, "loss_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0,
-            "judge_calls": 0, "judge_score_sum": 0}
+            "judge_calls": 0, "pg_sum": 0.0, "pg_tokens": 0}
 
 
 def distill(model, tok, trajs: list[Trajectory], targets: list[Target], teacher: Shadow | None, max_len: int,
@@ -795,21 +796,23 @@ def distill(model, tok, trajs: list[Trajectory], targets: list[Target], teacher:
             stats["teacher_top1_logp_sum"] += float(lp.sum())
 
 
-def grpo_update(model, trajs: list[Trajectory], advantages: list[float], stats: dict, clip: float = 0.2) -> None:
-    """Accumulate grads of the clipped token-level policy gradient on every sampled action token, averaged
-    over all of them. A trajectory with advantage 0 adds no gradient (and is not run); its tokens still count
-    in the mean, as in the full computation."""
-    sampled = [[s for s in t.steps if s.logprobs] for t in trajs]
-    total = sum(len(s.logprobs) for steps in sampled for s in steps)
-    for t, steps, adv in tqdm(list(zip(trajs, sampled, advantages)), desc="  update", leave=False):
-        if adv == 0.0 or not steps:
+def pg_update(model, trajs: list[Trajectory], advantages: list[list[float]], stats: dict, clip: float = 0.2) -> None:
+    """Accumulate grads of the clipped token-level policy gradient, averaged over every sampled action token.
+    advantages[i][j]: of step j of trajectory i, on each of its tokens (GRPO: the trajectory's group-normalised
+    reward on every step; OpenClaw: the judge's +-1 for that step). Steps with advantage 0 add no gradient and
+    are not run; their tokens still count in the mean, as in the full computation."""
+    total = sum(len(s.logprobs) for t in trajs for s in t.steps)
+    for t, adv in tqdm(list(zip(trajs, advantages)), desc="  policy gradient", leave=False):
+        steps = [(s, a) for s, a in zip(t.steps, adv) if s.logprobs and a != 0.0]
+        if not steps:
             continue
-        lp = action_logprobs(model, t, steps)
-        old = torch.tensor([x for s in steps for x in s.logprobs], device=lp.device)
-        loss = clipped_pg_loss(lp, old, torch.full_like(lp, adv), torch.ones_like(lp), clip)
+        lp = action_logprobs(model, t, [s for s, _ in steps])
+        old = torch.tensor([x for s, _ in steps for x in s.logprobs], device=lp.device)
+        a = torch.tensor([a for s, a in steps for _ in s.logprobs], device=lp.device)
+        loss = clipped_pg_loss(lp, old, a, torch.ones_like(lp), clip)
         (loss * lp.numel() / total).backward()
-        stats["loss_sum"] += float(loss.detach()) * lp.numel()
-        stats["tokens"] += lp.numel()
+        stats["pg_sum"] += float(loss.detach()) * lp.numel()
+        stats["pg_tokens"] += lp.numel()
 
 
 def sft_update(model, trajs: list[Trajectory], stats: dict, backward: bool = True) -> None:
@@ -920,40 +923,47 @@ def peak_memory_gb(device) -> float:
 
 
 METHODS = ("hintsd", "sdpo", "openclaw", "grpo", "sft", "initial")
-DISTILL_METHODS = ("hintsd", "sdpo", "openclaw")
-PG_CLIP = 0.2  # GRPO ratio clip
+PG_CLIP = 0.2  # ratio clip of the policy-gradient losses (GRPO, OpenClaw's per-step scores)
+
+
+@dataclass
+class Signal:
+    """What one method learns from a batch of rollouts (`initial`: nothing)."""
+    targets: list[Target] = field(default_factory=list)       # reverse KL on these (hintsd, sdpo, openclaw)
+    advantages: list[list[float]] | None = None              # per trajectory and step: policy gradient (grpo, openclaw)
+    demos: list[Trajectory] = field(default_factory=list)     # cross-entropy on these (sft)
 
 
 def learning_signal(model, tok, trajs: list[Trajectory], tasks: list, a, shadows: dict, tasks_by_id: dict,
-                    st: dict):
-    """What --method learns from this batch of rollouts: distillation targets, GRPO advantages, or SFT
-    demonstrations (None for `initial`, which never updates)."""
+                    st: dict) -> Signal:
+    """The --method's learning signal from this batch of rollouts."""
     if a.method in ("hintsd", "sdpo"):
         k = 1 if a.variant == "single" else 3  # Single: the first selected step of each failed rollout
         targets = select_targets(model, tok, trajs, a.feedback, k, shadows, tasks_by_id, a.action_format,
                                  a.analyzer_tokens, st)
-        return targets if a.method == "hintsd" else sdpo_targets(trajs, targets)
-    if a.method == "openclaw":
+        return Signal(targets if a.method == "hintsd" else sdpo_targets(trajs, targets))
+    if a.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
         with shadows.get(a.feedback) or nullcontext():  # the judge runs with the analyzer's weights
-            return judge_targets(model, tok, trajs, a.analyzer_tokens, st)
+            return Signal(*judge_steps(model, tok, trajs, a.analyzer_tokens, st))
     if a.method == "grpo":
-        return group_advantages([t.reward for t in trajs], a.rollouts)
+        adv = group_advantages([t.reward for t in trajs], a.rollouts)
+        return Signal(advantages=[[x] * len(t.steps) for x, t in zip(adv, trajs)])
     if a.method == "sft":  # the policy's own successes, plus ground-truth replays where the bench has them
         gt = ground_truth_replays(model, tok, tasks, a.action_format, a.max_len) if a.bench == "bfcl" else []
         st["sft_ground_truth"] = len(gt)
-        return [t for t in trajs if t.reward == 1.0] + gt
-    return None
+        return Signal(demos=[t for t in trajs if t.reward == 1.0] + gt)
+    return Signal()
 
 
-def update(model, tok, trajs: list[Trajectory], signal, a, shadows: dict, st: dict, cache: dict | None) -> None:
-    """Accumulate the gradients of --method's loss."""
-    if a.method in DISTILL_METHODS:
+def update(model, tok, trajs: list[Trajectory], sig: Signal, a, shadows: dict, st: dict, cache: dict | None) -> None:
+    """Accumulate the gradients of the method's losses (each a token mean; OpenClaw sums its two)."""
+    if sig.targets:
         teacher = shadows.get("ema") if a.teacher == "ema" else None
-        distill(model, tok, trajs, signal, teacher, a.max_len, a.topk, st, teacher_cache=cache)
-    elif a.method == "grpo":
-        grpo_update(model, trajs, signal, st, PG_CLIP)
-    elif a.method == "sft":
-        sft_update(model, signal, st)
+        distill(model, tok, trajs, sig.targets, teacher, a.max_len, a.topk, st, teacher_cache=cache)
+    if sig.advantages:
+        pg_update(model, trajs, sig.advantages, st, PG_CLIP)
+    if sig.demos:
+        sft_update(model, sig.demos, st)
 
 
 def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, tasks_by_id: dict) -> dict:
@@ -968,42 +978,42 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
             trajs += rollout(model, tok, [envs.make_env(task, a.action_format, a.max_env_steps)
                                           for _ in range(a.rollouts)], scfg, gen, bar)
     t1 = time.time()
-    signal = learning_signal(model, tok, trajs, tasks, a, shadows, tasks_by_id, st)
+    sig = learning_signal(model, tok, trajs, tasks, a, shadows, tasks_by_id, st)
     t2 = time.time()
     opt.zero_grad(set_to_none=True)
     cache = {} if a.after_check else None
-    if signal:
-        update(model, tok, trajs, signal, a, shadows, st, cache)
-    if st["tokens"]:  # GRPO with all-equal rewards, or no target / demonstration: no optimizer step
+    update(model, tok, trajs, sig, a, shadows, st, cache)
+    if st["tokens"] or st["pg_tokens"]:  # else (GRPO with equal rewards, no target...) no optimizer step
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         shadows["ema"].ema_update(a.ema_rate)
     t3 = time.time()
-    n = max(st["tokens"], 1)
-    targets = signal if a.method in DISTILL_METHODS else []
+    n, targets = max(st["tokens"], 1), sig.targets
     row = {"method": a.method, "success_rate": sum(t.reward for t in trajs) / len(trajs), "rollouts": len(trajs),
            "failed": sum(t.reward < 1.0 for t in trajs), "overflow_rollouts": sum(t.status == "overflow" for t in trajs),
            "targets": len(targets), "target_turns": [trajs[tg.traj].steps[tg.step].turn + 1 for tg in targets],
            "target_steps": [tg.step + 1 for tg in targets], "parse_failures": st["parse_failures"],
-           "skipped_overflow": st["skipped_overflow"], "loss": st["loss_sum"] / n, "tokens_supervised": st["tokens"],
+           "skipped_overflow": st["skipped_overflow"], "tokens_supervised": st["tokens"] + st["pg_tokens"],
            "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
-    if a.method in DISTILL_METHODS:
-        row.update(kl=row["loss"], teacher_top1_logp=st["teacher_top1_logp_sum"] / n)
+    if a.method in ("hintsd", "sdpo", "openclaw"):
+        row.update(kl=st["loss_sum"] / n, teacher_top1_logp=st["teacher_top1_logp_sum"] / n)
+    if sig.advantages:
+        row["pg_loss"] = st["pg_sum"] / max(st["pg_tokens"], 1)
     if a.method == "openclaw":
-        row.update(judge_calls=st["judge_calls"], judge_mean_score=st["judge_score_sum"] / max(st["judge_calls"], 1))
+        flat = [x for s in sig.advantages for x in s]
+        row.update(judge_calls=st["judge_calls"], judge_positive=flat.count(1.0), judge_negative=flat.count(-1.0))
     if a.method == "grpo":
-        row["advantages"] = signal
+        row["advantages"] = [s[0] if s else 0.0 for s in sig.advantages]
     if a.method == "sft":
-        row.update(sft_demos=len(signal), sft_ground_truth=st["sft_ground_truth"])
-    if st["tokens"] and a.after_check and a.method in DISTILL_METHODS + ("sft",):
-        after = new_stats()  # the same targets (and teacher logits) or demonstrations, after the update
+        row.update(ce=st["loss_sum"] / n, sft_demos=len(sig.demos), sft_ground_truth=st["sft_ground_truth"])
+    if a.after_check and st["tokens"]:  # the same targets (and teacher logits) or demonstrations, after the update
+        after = new_stats()
         with torch.no_grad():
-            if a.method == "sft":
-                sft_update(model, signal, after, backward=False)
-            else:
-                distill(model, tok, trajs, targets, None, a.max_len, a.topk, after, backward=False, teacher_cache=cache)
-        row["loss_after"] = after["loss_sum"] / max(after["tokens"], 1)
-        if a.method != "sft":
+            distill(model, tok, trajs, targets, None, a.max_len, a.topk, after, backward=False, teacher_cache=cache)
+            sft_update(model, sig.demos, after, backward=False)
+        key = "ce" if a.method == "sft" else "kl"
+        row[key + "_after"] = after["loss_sum"] / max(after["tokens"], 1)
+        if targets:
             row["teacher_top1_logp_after"] = after["teacher_top1_logp_sum"] / max(after["tokens"], 1)
     row["peak_mem_gb"] = peak_memory_gb(model.device)
     row["_rollouts"] = [{**t.to_json(), "targets": [tg.__dict__ for tg in targets if tg.traj == i]}
@@ -1027,7 +1037,8 @@ def parse_args(argv=None):
     ap.add_argument("--method", default="hintsd", choices=METHODS,
                     help="hintsd: distil the analyzer's selected steps; sdpo: the same hindsight placed before the "
                          "first action, every action of the failed rollout distilled; openclaw: a judge call per "
-                         "turn (+-1 and a hint), every hinted turn distilled; grpo: terminal reward, group-normalised "
+                         "step (+-1 and maybe a hint): hinted steps distilled, scores as per-step policy-gradient advantages; "
+                         "grpo: terminal reward, group-normalised "
                          "advantages, clipped token-level policy gradient; sft: cross-entropy on successful "
                          "trajectories (own successes + BFCL ground-truth replays); initial: rollouts only, no update")
     ap.add_argument("--variant", default="multi", choices=["single", "multi"],
@@ -1134,17 +1145,19 @@ def main(argv=None):
 
 
 def summary_line(r: dict) -> str:
-    loss = {"grpo": "PG loss", "sft": "CE"}.get(r["method"], "KL")
     s = f"step {r['step']}: success {r['success_rate']:.2f} ({r['rollouts'] - r['failed']}/{r['rollouts']})"
-    if r["method"] in DISTILL_METHODS:
+    if r["method"] in ("hintsd", "sdpo", "openclaw"):
         s += f", targets {r['targets']} (turns {r['target_turns']}), parse failures {r['parse_failures']}"
+    if r["method"] == "openclaw":
+        s += f", judge +1/-1 {r['judge_positive']}/{r['judge_negative']} of {r['judge_calls']}"
     if r["method"] == "grpo":
         s += f", advantages {[round(x, 2) for x in r['advantages']]}"
     if r["method"] == "sft":
         s += f", demonstrations {r['sft_demos']} ({r['sft_ground_truth']} ground truth)"
-    s += f", {loss} {r['loss']:.4f} on {r['tokens_supervised']} tokens"
-    if "loss_after" in r:
-        s += f" -> {r['loss_after']:.4f} after the update"
+    for key, name in (("kl", "KL"), ("ce", "CE"), ("pg_loss", "PG loss")):
+        if key in r:
+            s += f", {name} {r[key]:.4f}" + (f" -> {r[key + '_after']:.4f} after the update" if key + "_after" in r else "")
+    s += f" on {r['tokens_supervised']} tokens"
     if "teacher_top1_logp_after" in r:
         s += f"; student logp of teacher's top-1 {r['teacher_top1_logp']:.3f} -> {r['teacher_top1_logp_after']:.3f}"
     return s + (f" | time rollout {r['time_rollout']:.0f}s feedback {r['time_feedback']:.0f}s "

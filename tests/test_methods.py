@@ -53,11 +53,15 @@ def test_grpo_update_uses_the_sampled_tokens_and_their_rollout_logprobs(policy, 
     old = torch.tensor([x for s in t.steps for x in s.logprobs])
     assert lp.shape == old.shape and torch.allclose(lp, old, atol=1e-3)
     st = hintsd.new_stats()
-    hintsd.grpo_update(model, trajs, [0.0, 0.0], st)
-    assert st["tokens"] == 0 and all(p.grad is None for p in params)  # zero advantage: nothing to learn
-    hintsd.grpo_update(model, trajs, [1.0, -1.0], st)
-    assert st["tokens"] == failed_tokens(trajs)
+    hintsd.pg_update(model, trajs, [[0.0] * len(t.steps) for t in trajs], st)
+    assert st["pg_tokens"] == 0 and all(p.grad is None for p in params)  # zero advantage: nothing to learn
+    hintsd.pg_update(model, trajs, [[1.0] * len(trajs[0].steps), [-1.0] * len(trajs[1].steps)], st)
+    assert st["pg_tokens"] == failed_tokens(trajs)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    # per-step advantages (OpenClaw's judge scores): only the steps with a nonzero score are run
+    st = hintsd.new_stats()
+    hintsd.pg_update(model, trajs[:1], [[0.0] * (len(trajs[0].steps) - 1) + [-1.0]], st)
+    assert st["pg_tokens"] == trajs[0].steps[-1].end - trajs[0].steps[-1].start
 
 
 # ----------------------------------------------------------------------------- SDPO
@@ -83,7 +87,7 @@ def test_sdpo_places_feedback_before_the_first_action_and_masks_every_action_tok
 
 
 # ----------------------------------------------------------------------------- OpenClaw
-def test_openclaw_judges_every_turn_and_places_each_hint_at_its_own_turn(policy, trajs, monkeypatch):
+def test_openclaw_judges_every_step_and_places_each_hint_at_its_own_step(policy, trajs, monkeypatch):
     model, tok = policy
     seen = []
     n = sum(len(t.steps) for t in trajs)
@@ -95,7 +99,7 @@ def test_openclaw_judges_every_turn_and_places_each_hint_at_its_own_turn(policy,
         return answers[:len(chats)]
     monkeypatch.setattr(hintsd, "generate_texts", judge)
     st = hintsd.new_stats()
-    targets = hintsd.judge_targets(model, tok, trajs, 32, st)
+    targets, scores = hintsd.judge_steps(model, tok, trajs, 32, st)
     pairs = [(i, j) for i, t in enumerate(trajs) for j in range(len(t.steps))]
     assert len(seen) == st["judge_calls"] == n                   # one judge call per assistant turn
     for (i, j), chat in zip(pairs, seen):                        # each call reads that turn's action and outcome
@@ -104,6 +108,8 @@ def test_openclaw_judges_every_turn_and_places_each_hint_at_its_own_turn(policy,
     hinted = [p for p, a in zip(pairs, answers) if '"hint": "You' in a]
     assert [(tg.traj, tg.step) for tg in targets] == hinted and all(tg.at is None for tg in targets)
     assert st["parse_failures"] == sum(a == "no idea" for a in answers[:n])
+    assert [x for s in scores for x in s] == [{"no idea": 0.0, '{"score": 1, "hint": ""}': 1.0}.get(a, -1.0)
+                                              for a in answers[:n]]
     # each hint conditions the teacher of its own turn only: feedback right before that action's header
     t, tg = trajs[targets[0].traj], targets[0]
     s, fb = t.steps[tg.step], hintsd.feedback_ids(tok, tg.feedback)
@@ -144,7 +150,7 @@ def test_sft_loss_is_cross_entropy_on_the_action_tokens(policy, trajs):
     ref = F.cross_entropy(model(ids).logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
     ref.backward()
     assert st["tokens"] == sum(s.end - s.start for s in t.steps)
-    assert abs(st["loss_sum"] / st["tokens"] - float(ref)) < 1e-4
+    assert abs(st["loss_sum"] / st["tokens"] - float(ref.detach())) < 1e-4
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(mine, params))
 
 
@@ -198,10 +204,11 @@ def test_every_method_runs_one_step_from_the_cli(tiny_qwen, tmp_path, method):
     if method == "openclaw":
         assert row["judge_calls"] == sum(len(r["steps"]) for r in
                                          json.loads(open(out / "rollouts.jsonl").readline())["rollouts"])
+        assert row["judge_positive"] + row["judge_negative"] + row["parse_failures"] == row["judge_calls"]
     if method == "grpo":
         assert row["advantages"] == [0.0, 0.0] and row["tokens_supervised"] == 0  # both failed: no update
     if method == "sft":
-        assert row["sft_ground_truth"] == 1 and row["tokens_supervised"] > 0 and row["loss_after"] < row["loss"]
+        assert row["sft_ground_truth"] == 1 and row["tokens_supervised"] > 0 and row["ce_after"] < row["ce"]
     if method == "initial":
         assert row["tokens_supervised"] == 0 and row["targets"] == 0
 
