@@ -42,7 +42,7 @@ def test_clipped_pg_loss_gradient_and_clip():
     assert logp.grad[0] == 0 and logp.grad[1] > 0
 
 
-def test_grpo_update_uses_the_sampled_tokens_and_their_rollout_logprobs(policy, trajs):
+def test_pg_update_uses_the_sampled_tokens_and_their_rollout_logprobs(policy, trajs):
     model, tok = policy
     model = copy.deepcopy(model)
     params = hintsd.trainable_params(model, 4, 8)
