@@ -946,7 +946,7 @@ def learning_signal(model, tok, trajs: list[Trajectory], tasks: list, a, shadows
         with shadows.get(a.feedback) or nullcontext():  # the judge runs with the analyzer's weights
             return Signal(*judge_steps(model, tok, trajs, a.analyzer_tokens, st))
     if a.method == "grpo":
-        adv = group_advantages([t.reward for t in trajs], a.rollouts)
+        adv = st["advantages"] = group_advantages([t.reward for t in trajs], a.rollouts)
         return Signal(advantages=[[x] * len(t.steps) for x, t in zip(adv, trajs)])
     if a.method == "sft":  # the policy's own successes, plus ground-truth replays where the bench has them
         gt = ground_truth_replays(model, tok, tasks, a.action_format, a.max_len) if a.bench == "bfcl" else []
@@ -1003,7 +1003,7 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
         flat = [x for s in sig.advantages for x in s]
         row.update(judge_calls=st["judge_calls"], judge_positive=flat.count(1.0), judge_negative=flat.count(-1.0))
     if a.method == "grpo":
-        row["advantages"] = [s[0] if s else 0.0 for s in sig.advantages]
+        row["advantages"] = st["advantages"]
     if a.method == "sft":
         row.update(ce=st["loss_sum"] / n, sft_demos=len(sig.demos), sft_ground_truth=st["sft_ground_truth"])
     if a.after_check and st["tokens"]:  # the same targets (and teacher logits) or demonstrations, after the update
