@@ -53,3 +53,15 @@ def test_turns_reads_target_steps_per_epoch(tmp_path, capsys):
     name = tmp_path.name
     assert lines[2:] == [f"| {name} | 1 | 4 | 50.0% | 25.0% | 25.0% |", f"| {name} | 2 | 2 | 50.0% | 0.0% | 50.0% |",
                          f"| {name} | all | 6 | 50.0% | 16.7% | 33.3% |"]
+
+
+def test_efficiency_table_ratios_to_hintsd():
+    from bench import efficiency
+    row = lambda r, f, u, mem, tok: {"time_rollout": r, "time_feedback": f, "time_update": u,  # noqa: E731
+                                     "peak_mem_gb": mem, "tokens_supervised": tok, "rollouts": 2, "failed": 2}
+    text = efficiency.table({"hintsd": row(10, 5, 5, 4.0, 100), "sdpo": row(10, 5, 25, 6.0, 400),
+                             "grpo": row(10, 0, 0, 2.0, 0)})
+    lines = text.splitlines()
+    assert lines[2] == "| hintsd | 10.0 | 5.0 | 5.0 | 20.0 | 1.00x | 4.00 | 1.00x | 100 | 1.00x | 0/2 |"
+    assert lines[3] == "| sdpo | 10.0 | 5.0 | 25.0 | 40.0 | 2.00x | 6.00 | 1.50x | 400 | 4.00x | 0/2 |"
+    assert lines[4].startswith("| grpo | 10.0 | 0.0 | 0.0 | 10.0 | 0.50x | 2.00 | 0.50x | 0 | 0.00x |")
