@@ -646,6 +646,7 @@ def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int,
     for (i, j), text in zip(items, generate_texts(model, tok, chats, max_new_tokens, "  judge")):
         verdict = prompts.parse_judgement(text)
         stats["judge_calls"] += 1
+        stats.setdefault("analyses", []).append(text)  # raw answers go to rollouts.jsonl
         if verdict is None:
             stats["parse_failures"] += 1
             continue

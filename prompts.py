@@ -234,12 +234,10 @@ Agent action:
 What came back:
 {outcome}
 
-Was this action a correct and useful step toward the request? Answer with JSON only, in one of these forms:
-{{"score": 1, "hint": ""}}
-{{"score": -1, "hint": "You should <what the agent should have done instead>."}}
-Replace the <...> part with your own advice for this step."""
-
-JUDGE_PLACEHOLDER = "<what the agent should have done instead>"
+Was this action a correct and useful step toward the request? Answer with one JSON object and nothing else:
+- "score": 1 if the action was correct and useful, -1 if it was not;
+- "hint": "" when the score is 1; otherwise one sentence to the agent, starting with "You should", that says what it should have done instead at this step."""
+# The format is described, not shown: a 0.5B judge copied a shown example's placeholder into every answer.
 MAX_JUDGE_FIELD_CHARS = 1_500   # request, action and outcome are each cut to this (their ends are kept)
 
 
@@ -265,8 +263,8 @@ def _as_score(value) -> int | None:
 
 
 def parse_judgement(text: str) -> tuple[int, str] | None:
-    """(score, hint) from the judge's raw answer: score is +1 or -1, hint is "" when none was given (or the
-    template's placeholder was copied). None for anything unusable. Never raises."""
+    """(score, hint) from the judge's raw answer: score is +1 or -1, hint is "" when none was given. None for
+    anything unusable. Never raises."""
     try:
         if not isinstance(text, str) or not text.strip():
             return None
@@ -280,7 +278,7 @@ def parse_judgement(text: str) -> tuple[int, str] | None:
                         continue
                     hint = _lookup(v, ("hint",) + FEEDBACK_KEYS)
                     hint = hint.strip()[:MAX_FEEDBACK_CHARS].rstrip() if isinstance(hint, str) else ""
-                    return score, ("" if "<" in hint and ">" in hint and JUDGE_PLACEHOLDER[1:-1] in hint else hint)
+                    return score, hint
         return None
     except Exception:                   # a parser bug must never stop training
         return None

@@ -121,8 +121,7 @@ def test_openclaw_judges_every_step_and_places_each_hint_at_its_own_step(policy,
 def test_judge_parser():
     assert prompts.parse_judgement('{"score": -1, "hint": "You should call ls."}') == (-1, "You should call ls.")
     assert prompts.parse_judgement('Sure.\n```json\n{"score": "+1"}\n```') == (1, "")
-    assert prompts.parse_judgement("{'score': -1, 'hint': 'You should <what the agent should have done "
-                                   "instead>.'}") == (-1, "")  # the template copied verbatim: no hint
+    assert prompts.parse_judgement("{'score': -1, 'hint': 'You should call cd.',}") == (-1, "You should call cd.")
     for bad in ("", "garbage", '{"score": 0}', '{"score": true}', '{"hint": "x"}', None, "{" * 10_000):
         assert prompts.parse_judgement(bad) is None
     chat = prompts.judge_messages("list files", "<tool_call>ls</tool_call>", "x" * 5000)
