@@ -1062,7 +1062,7 @@ def parse_args(argv=None):
     ap.add_argument("--ema-rate", type=float, default=0.999, help="teacher <- rate*teacher + (1-rate)*student")
     ap.add_argument("--topk", type=int, default=None, help="KL over the student's top-k + tail (default: exact)")
     ap.add_argument("--max-new-tokens", type=int, help="per assistant action")
-    ap.add_argument("--analyzer-tokens", type=int, help="max new tokens of the hindsight analysis")
+    ap.add_argument("--analyzer-tokens", type=int, help="max new tokens of a hindsight analysis (and of a judge answer)")
     ap.add_argument("--temperature", type=float, default=0.6, help="rollout temperature")
     ap.add_argument("--max-len", type=int, help="context limit of a trajectory / teacher context in tokens")
     ap.add_argument("--max-env-steps", type=int, help="assistant steps per episode (default: BFCL 20, AppWorld 40)")
