@@ -220,7 +220,7 @@ def parse_analysis(text: str, n_steps: int, k: int = 3) -> list[tuple[int, str]]
         return []
 
 # -----------------------------------------------------------------------------
-# the per-turn judge (the OpenClaw-RL-style baseline)
+# the per-step judge (the OpenClaw-RL-style baseline)
 
 JUDGE_SYSTEM = ("You check one step of an AI agent that uses tools. You see the user's request, the agent's "
                 "action and what came back. You say whether the action was a correct step toward the request.")
