@@ -42,8 +42,9 @@ def run_one(args):
     trajs = [hintsd.Trajectory.from_json(json.loads(x)) for x in open(args.trajs)]
     trajs = [t for t in trajs if t.reward < 1.0 and len(t.steps) >= 2]
     spread = [hintsd.Target(i, j, FEEDBACK) for i, t in enumerate(trajs) for j in spread_steps(len(t.steps), args.k)]
-    # full = SDPO: the same feedback once before the first action, every action token distilled
-    targets = hintsd.sdpo_targets(trajs, spread) if args.method == "full" else spread
+    # full = SDPO: the feedback once before the first action, every action token distilled
+    once = [hintsd.Target(i, 0, FEEDBACK) for i in range(len(trajs))]
+    targets = hintsd.sdpo_targets(trajs, once) if args.method == "full" else spread
 
     def update():
         st = hintsd.new_stats()
