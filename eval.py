@@ -106,7 +106,7 @@ def turn_distribution(dirs: list[str]) -> str:
         by_epoch: dict = defaultdict(list)
         for r in rows:
             by_epoch[r["epoch"]] += r.get("target_steps", [])
-        for epoch, steps in [*sorted(by_epoch.items()), ("all", [s for r in rows for s in r.get("target_steps", [])])]:
+        for epoch, steps in [*sorted(by_epoch.items()), ("all", [s for v in by_epoch.values() for s in v])]:
             share = [100 * sum(lo <= s and (hi is None or s <= hi) for s in steps) / max(len(steps), 1)
                      for lo, hi in TURN_BINS]
             lines.append(f"| {Path(d).name} | {epoch} | {len(steps)} | " + " | ".join(f"{x:.1f}%" for x in share) + " |")

@@ -637,11 +637,12 @@ def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int,
     (every hinted step, its hint right before that step's action: the teacher of that step only) and the
     scores per trajectory and step (0 where the answer could not be parsed)."""
     import prompts
-    items = [(i, j) for i, t in enumerate(trajs) for j in range(len(t.steps))]
-    chats = []
+    items, chats = [], []
     for i, t in enumerate(trajs):
         reqs, outs = step_requests(t.messages), step_outputs(t.messages)
-        chats += [prompts.judge_messages(reqs[j], s.text, outs[j]) for j, s in enumerate(t.steps)]
+        for j, s in enumerate(t.steps):
+            items.append((i, j))
+            chats.append(prompts.judge_messages(reqs[j], s.text, outs[j]))
     targets, scores = [], [[0.0] * len(t.steps) for t in trajs]
     for (i, j), text in zip(items, generate_texts(model, tok, chats, max_new_tokens, "  judge")):
         verdict = prompts.parse_judgement(text)
@@ -924,6 +925,7 @@ def peak_memory_gb(device) -> float:
 
 
 METHODS = ("hintsd", "sdpo", "openclaw", "grpo", "sft", "initial")
+DISTILL_METHODS = ("hintsd", "sdpo", "openclaw")  # the methods with a feedback-conditioned teacher
 PG_CLIP = 0.2  # ratio clip of the policy-gradient losses (GRPO, OpenClaw's per-step scores)
 
 
@@ -996,7 +998,7 @@ def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, task
            "target_steps": [tg.step + 1 for tg in targets], "parse_failures": st["parse_failures"],
            "skipped_overflow": st["skipped_overflow"], "tokens_supervised": st["tokens"] + st["pg_tokens"],
            "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
-    if a.method in ("hintsd", "sdpo", "openclaw"):
+    if a.method in DISTILL_METHODS:
         row.update(kl=st["loss_sum"] / n, teacher_top1_logp=st["teacher_top1_logp_sum"] / n)
     if sig.advantages:
         row["pg_loss"] = st["pg_sum"] / max(st["pg_tokens"], 1)
@@ -1038,10 +1040,10 @@ def parse_args(argv=None):
     ap.add_argument("--method", default="hintsd", choices=METHODS,
                     help="hintsd: distil the analyzer's selected steps; sdpo: the same hindsight placed before the "
                          "first action, every action of the failed rollout distilled; openclaw: a judge call per "
-                         "step (+-1 and maybe a hint): hinted steps distilled, scores as per-step policy-gradient advantages; "
-                         "grpo: terminal reward, group-normalised "
-                         "advantages, clipped token-level policy gradient; sft: cross-entropy on successful "
-                         "trajectories (own successes + BFCL ground-truth replays); initial: rollouts only, no update")
+                         "step (+-1 and maybe a hint): hinted steps distilled, scores as per-step policy-gradient "
+                         "advantages; grpo: terminal reward, group-normalised advantages, clipped token-level "
+                         "policy gradient; sft: cross-entropy on successful trajectories (own successes + BFCL "
+                         "ground-truth replays); initial: rollouts only, no update")
     ap.add_argument("--variant", default="multi", choices=["single", "multi"],
                     help="single: the first selected step; multi: up to 3 steps per failed rollout")
     ap.add_argument("--feedback", default="ema", choices=FEEDBACK_SOURCES,
@@ -1147,7 +1149,7 @@ def main(argv=None):
 
 def summary_line(r: dict) -> str:
     s = f"step {r['step']}: success {r['success_rate']:.2f} ({r['rollouts'] - r['failed']}/{r['rollouts']})"
-    if r["method"] in ("hintsd", "sdpo", "openclaw"):
+    if r["method"] in DISTILL_METHODS:
         s += f", targets {r['targets']} (turns {r['target_turns']}), parse failures {r['parse_failures']}"
     if r["method"] == "openclaw":
         s += f", judge +1/-1 {r['judge_positive']}/{r['judge_negative']} of {r['judge_calls']}"
