@@ -1,26 +1,38 @@
 """Tool-use environments for HINT-SD: BFCL v3 multi-turn (base + long_context); AppWorld in the section at the end.
 
-    tasks = load_tasks("bfcl", "train")          # list of task dicts, paper split 200/40/160
-    env = make_env(tasks[0], action_format="json")
+    tasks = load_tasks("bfcl", "train")          # list of task dicts, paper split 200/40/160 (turns=K: first K turns)
+    env = make_env(tasks[0], action_format="json", protocol="friendly")
     msgs = env.reset()                           # first chat messages; env.tools goes to the chat template
     while not env.done:
         msgs = env.step(assistant_text)          # tool results, or the next user turn, or [] when done
     r = env.reward()                             # 1.0 / 0.0 from the official BFCL multi-turn checker
 
-A step whose text holds at least one call executes the calls and returns one tool message per call
-(errors included, as "Error: ..."). A step without any call attempt ends the user turn. Two action formats:
-  json:   <tool_call>{"name": "cd", "arguments": {"folder": "docs"}}</tool_call>  (one block per call;
-          a reply that is only bare JSON call objects, as small models often write, counts too)
-  python: [cd(folder="docs"), ls(a=True)]                                      (keyword literals only)
+Two action protocols (ACTION_PROTOCOLS); both score with the same official checker and step cap.
+  friendly (default): env.tools holds the JSON-schema tools (excluded functions removed) for the chat template's
+    tools=, our own short system prompt. A step whose text holds at least one call executes the calls and returns
+    one tool message per call (errors included, as "Error: ..."); a malformed call gets an error tool message
+    and the turn stays open; a step without any call attempt ends the user turn. Two action formats:
+      json:   <tool_call>{"name": "cd", "arguments": {"folder": "docs"}}</tool_call>  (one block per call;
+              a reply that is only bare JSON call objects, as small models often write, counts too)
+      python: [cd(folder="docs"), ls(a=True)]                                      (keyword literals only)
+  authors: the environment of the paper's code (wgcyeo/HINT-SD, env/service/environments/bfcl). env.tools is [];
+    the system prompt lists the raw BFCL docs of ALL functions of the involved classes (excluded ones included)
+    in <tools></tools>, the first user turn follows. Only <tool_call>{...}</tool_call> blocks with "name" and
+    "arguments" count; other blocks are skipped silently, and a reply without any valid block ends the user turn
+    (no error message). All results of a reply come back as ONE user message of <tool_call> blocks
+    {"name": "<function>_<k>", "content": <result>}; errors read "Error during execution: ...". The end of the
+    conversation is the user message "[CONVERSATION_COMPLETED]". json format only.
 
 max_steps caps the assistant steps of the whole episode (official BFCL caps 20 steps per user turn). As in
 the official runner, an episode stopped before its last user turn gets reward 0.
 
 Safety: model text is never eval'd. Calls are parsed with json / ast.literal_eval, dispatched by name to
 the backend instance, and the official checker (which eval()s call strings) only sees strings that we
-render ourselves from validated calls.
+render ourselves from validated calls. Parsing is linear in the text's length; friendly replies over
+MAX_ACTION_CHARS characters are refused with an error before any parsing.
 """
 import ast
+import bisect
 import copy
 import functools
 import importlib
@@ -42,6 +54,9 @@ from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn
 BENCHES = ("bfcl", "appworld")  # appworld: see the AppWorld section at the end
 SPLITS = ("train", "eval", "test", "all")
 ACTION_FORMATS = ("json", "python")
+ACTION_PROTOCOLS = ("authors", "friendly")  # see the module docstring
+MAX_ACTION_CHARS = 20_000  # friendly protocol: longer replies are refused unparsed (a real call list is far shorter)
+CONVERSATION_COMPLETED = "[CONVERSATION_COMPLETED]"  # the authors' env: final message of a finished conversation
 
 BFCL_DATA = Path(bfcl_eval.__file__).parent / "data"
 BFCL_CATEGORIES = ("multi_turn_base", "multi_turn_long_context")
@@ -61,6 +76,15 @@ SYSTEM_JSON = ("You are an agent that completes the user's requests by calling t
 SYSTEM_PYTHON = (SYSTEM_JSON + "\n\nTo call functions, answer with only a Python list of calls with keyword "
                  "arguments, e.g. [func_a(x=1), func_b(name=\"y\")]. Otherwise answer in plain text.\n"
                  "The available functions (JSON):\n{docs}")
+# the authors' system prompt (their tools_schema_to_qwen_prompt), typo "<tool_call> and <tool_call>" included
+AUTHORS_HEAD = ("\n\n# Tools\n", "You may call one or more functions to assist with the user query.\n",
+                "You are provided with function signatures within <tools></tools> XML tags:", "<tools>")
+AUTHORS_TAIL = ("</tools>\n",
+                "Important: Always use only the latest tool list provided, ignoring any functions mentioned in "
+                "previous messages.",
+                "For each function call, return a json object with function name and arguments within <tool_call> "
+                "and <tool_call> XML tags:",
+                "<tool_call>", '{"name": <function-name>, "arguments": <args-json-object>}', "</tool_call>")
 
 # -----------------------------------------------------------------------------
 # tasks
@@ -74,7 +98,8 @@ def _load_bfcl():
     tasks = []
     for cat in BFCL_CATEGORIES:
         questions = _read_jsonl(BFCL_DATA / f"BFCL_v4_{cat}.json")
-        answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(BFCL_DATA / "possible_answer" / f"BFCL_v4_{cat}.json")}
+        answer_file = BFCL_DATA / "possible_answer" / f"BFCL_v4_{cat}.json"
+        answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(answer_file)}
         for q in questions:
             tasks.append({"id": q["id"], "category": cat, "turns": q["question"],
                           "initial_config": q["initial_config"], "involved_classes": q["involved_classes"],
@@ -83,19 +108,33 @@ def _load_bfcl():
     return tasks
 
 
-def load_tasks(bench, split):
+def cut_turns(task, k):
+    """The task limited to its first k user turns and their ground truth (same id, "turns_kept": k added);
+    a task with at most k turns is returned whole."""
+    if len(task["turns"]) <= k:
+        return task
+    return {**task, "turns": task["turns"][:k], "ground_truth": task["ground_truth"][:k], "turns_kept": k}
+
+
+def load_tasks(bench, split, turns=None):
+    """Tasks of a split. turns=K (BFCL only): every task cut to its first K user turns (see cut_turns); the
+    split is drawn from the whole tasks first, so it does not depend on K."""
     if bench not in BENCHES:
         raise ValueError(f"unknown bench {bench!r}; allowed: {BENCHES}")
+    if turns is not None and bench != "bfcl":
+        raise ValueError("--turns applies to BFCL only")
+    if turns is not None and (isinstance(turns, bool) or not isinstance(turns, int) or turns < 1):
+        raise ValueError(f"turns must be an int >= 1 (or None for whole tasks), got {turns!r}")
     if bench == "appworld":
         return load_appworld_tasks(split)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {SPLITS}")
     tasks = _load_bfcl()
     random.Random(SPLIT_SEED).shuffle(tasks)
-    if split == "all":
-        return tasks
-    lo, hi = SPLIT_FRACTIONS[split]
-    return tasks[round(lo * len(tasks)):round(hi * len(tasks))]
+    if split != "all":
+        lo, hi = SPLIT_FRACTIONS[split]
+        tasks = tasks[round(lo * len(tasks)):round(hi * len(tasks))]
+    return tasks if turns is None else [cut_turns(t, turns) for t in tasks]
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +162,25 @@ def _class_tools(cls):
 
 def bfcl_tools(involved_classes, excluded=()):
     """OpenAI-style tool schemas of all functions of the classes, minus the excluded ones (fresh copies)."""
-    return [copy.deepcopy(t) for c in involved_classes for t in _class_tools(c) if t["function"]["name"] not in excluded]
+    return [copy.deepcopy(t) for c in involved_classes for t in _class_tools(c)
+            if t["function"]["name"] not in excluded]
+
+
+@functools.lru_cache(maxsize=None)
+def _class_docs(cls):
+    return tuple(_read_jsonl(BFCL_DATA / "multi_turn_func_doc" / MULTI_TURN_FUNC_DOC_FILE_MAPPING[cls]))
+
+
+def bfcl_docs(involved_classes):
+    """The raw BFCL docs of ALL functions of the classes, in class then file order (fresh copies): what
+    bfcl_eval's populate_test_cases_with_predefined_functions gives a task, excluded_function ignored."""
+    return [copy.deepcopy(d) for c in involved_classes for d in _class_docs(c)]
+
+
+def authors_system_prompt(docs):
+    """The authors' system message: their tool prompt over the raw docs, compact JSON one per line."""
+    tools = [json.dumps(d, ensure_ascii=False, separators=(",", ":")) for d in docs]
+    return "\n".join([*AUTHORS_HEAD, *tools, *AUTHORS_TAIL])
 
 
 # -----------------------------------------------------------------------------
@@ -173,18 +230,26 @@ def _parse_json_block(block):
     return _call_from_obj(obj)
 
 
+FENCE_OPEN = re.compile(r"```[a-z]*\s*")
+JSON_GAP = re.compile(r"[ \t\r\n,]*")  # what may stand between bare JSON call objects
+
+
 def _bare_json_objects(text):
     """Small models often drop the <tool_call> tags. A reply that is nothing but JSON call objects
     (optionally in a code fence, one after another or as a list) still counts as calls; None otherwise."""
-    body = re.sub(r"^```[a-z]*\s*|\s*```$", "", text.strip())
+    body = text.strip()
+    # strip a code fence (anchored at both ends: no regex scan over the whole body, so linear)
+    if body.startswith("```"):
+        body = body[FENCE_OPEN.match(body).end():]
+    if body.endswith("```"):
+        body = body[:-3].rstrip()
     if not body.startswith(("{", "[")) or '"name"' not in body:
         return None
     dec, objs, i = json.JSONDecoder(), [], 0
     while i < len(body):
         obj, i = dec.raw_decode(body, i)
         objs += obj if isinstance(obj, list) else [obj]
-        while i < len(body) and body[i] in " \t\r\n,":
-            i += 1
+        i = JSON_GAP.match(body, i).end()
     return objs
 
 
@@ -237,6 +302,41 @@ def _calls_from_ast(node, allow_positional=False):
 
 
 CALL_LIST_START = re.compile(r"\[\s*[A-Za-z_][\w.]*\s*\(")
+PY_STOPS = re.compile(r"[\[\](){}'\"#]")  # what the bracket scan of a Python call list looks at
+# inside a string literal: an escape, the closing quote, or (one-line strings) a newline, which leaves it unclosed
+PY_STRING_STOPS = {q: re.compile(r"\\|" + q + ("" if len(q) == 3 else r"|\n")) for q in ("'", '"', "'''", '"""')}
+
+
+def _string_end(src, i, quote):
+    """Index just past the string literal whose body starts at src[i]; None when it is never closed."""
+    stops = PY_STRING_STOPS[quote]
+    while m := stops.search(src, i):
+        if m.group() != "\\":
+            return m.end() if m.group() == quote else None
+        i = m.end() + 1  # an escape hides the next character (a quote, a backslash, a newline)
+    return None
+
+
+def _list_end(src):
+    """Index just past the bracket that closes the one at src[0], found by one left-to-right scan that counts
+    bracket depth and skips string literals and comments (linear time); None when it is never closed."""
+    depth, i = 0, 0
+    while m := PY_STOPS.search(src, i):
+        c, i = m.group(), m.end()
+        if c == "#":
+            i = src.find("\n", i)
+            if i < 0:
+                return None
+        elif c in "'\"":
+            quote = c * 3 if src.startswith(c * 3, m.start()) else c
+            i = _string_end(src, m.start() + len(quote), quote)
+            if i is None:
+                return None
+        else:
+            depth += 1 if c in "[({" else -1
+            if depth == 0:
+                return i
+    return None
 
 
 def _parse_python(text):
@@ -245,26 +345,83 @@ def _parse_python(text):
     if m is None and not stripped.startswith("["):
         return [], None
     src = text[m.start():] if m else stripped
-    ends = [i + 1 for i, c in enumerate(src) if c == "]"][::-1]  # try the longest candidate first
-    error = "unbalanced brackets"
-    for end in ends:
-        try:
-            node = ast.parse(src[:end], mode="eval").body
-        except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-            error = str(e)
+    end = _list_end(src)
+    if end is None:
+        return [], "could not parse the call list: unbalanced brackets"
+    try:
+        node = ast.parse(src[:end], mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        return [], f"could not parse the call list: {e}"
+    try:
+        return _check_calls(_calls_from_ast(node))
+    except ValueError as e:
+        return [], str(e)
+
+
+# The authors' parser is re.finditer(r"<tool_call>\s*\n?({.*?})\s*\n?\</tool_call>", text, re.DOTALL), which is
+# quadratic on hostile text (e.g. "<tool_call>{" repeated). _authors_blocks finds the same groups in linear time.
+AUTHORS_CALL = re.compile(r"<tool_call>\s*\n?({.*?})\s*\n?\</tool_call>", re.DOTALL)  # reference only (tests)
+AUTHORS_OPEN = re.compile(r"<tool_call>\s*\{")
+AUTHORS_CLOSE = re.compile(r"\}\s*</tool_call>")
+
+
+def _authors_blocks(text):
+    """The group(1) texts of AUTHORS_CALL.finditer(text), in order, found in linear time."""
+    # every "}" that the pattern's tail accepts; such matches never overlap, so finditer sees all of them
+    closes = list(AUTHORS_CLOSE.finditer(text))
+    starts = [m.start() for m in closes]
+    blocks, pos = [], 0
+    for m in AUTHORS_OPEN.finditer(text):
+        if m.start() < pos:  # a tag inside the previous match: finditer resumes after that match
             continue
-        try:
-            return _check_calls(_calls_from_ast(node))
-        except ValueError as e:
-            return [], str(e)
-    return [], f"could not parse the call list: {error}"
+        k = bisect.bisect_left(starts, m.end())  # the lazy {.*?}: the first accepted "}" after the "{"
+        if k == len(starts):  # no "}" closes this block, so none closes a later one either
+            break
+        blocks.append(text[m.end() - 1:starts[k] + 1])
+        pos = closes[k].end()
+    return blocks
 
 
-def parse_calls(text, action_format):
-    """Assistant text -> (calls, error). calls: [(name, kwargs)]. All or nothing: if any call is
-    malformed, calls is [] and error says why. ([], None) means the text makes no call attempt."""
+def _authors_call(block):
+    """One matched block -> (name, args), or None where the authors' parser skips it (invalid JSON, not a dict,
+    no "name" or "arguments") or where the call fails our checks (_check_call)."""
+    try:
+        obj = json.loads(block)
+        if not isinstance(obj, dict) or "name" not in obj or "arguments" not in obj:
+            return None
+        args = obj["arguments"]
+        if isinstance(args, str):
+            args = json.loads(args) if args.strip() else {}
+        return None if _check_call(obj["name"], args) else (obj["name"], args)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return None
+
+
+def _parse_authors(text):
+    calls = [_authors_call(b) for b in _authors_blocks(text)]
+    return [c for c in calls if c is not None], None
+
+
+def _check_protocol(action_format, protocol):
     if action_format not in ACTION_FORMATS:
         raise ValueError(f"unknown action format {action_format!r}; allowed: {ACTION_FORMATS}")
+    if protocol not in ACTION_PROTOCOLS:
+        raise ValueError(f"unknown action protocol {protocol!r}; allowed: {ACTION_PROTOCOLS}")
+    if protocol == "authors" and action_format != "json":
+        raise ValueError(f'the "authors" protocol takes <tool_call> JSON only: action_format must be "json", '
+                         f'not {action_format!r}')
+
+
+def parse_calls(text, action_format, protocol="friendly"):
+    """Assistant text -> (calls, error). calls: [(name, kwargs)]. friendly: all or nothing: if any call is
+    malformed, calls is [] and error says why; ([], None) means the text makes no call attempt. authors: the
+    calls of the valid <tool_call> blocks, the others skipped silently; error is always None."""
+    _check_protocol(action_format, protocol)
+    if protocol == "authors":
+        return _parse_authors(text)
+    if len(text) > MAX_ACTION_CHARS:
+        return [], (f"the reply is {len(text)} characters long, over the limit of {MAX_ACTION_CHARS}; "
+                    "a call list is much shorter")
     try:
         return _parse_json(text) if action_format == "json" else _parse_python(text)
     except Exception as e:  # e.g. RecursionError on absurdly nested input: never crash the episode
@@ -291,33 +448,63 @@ def format_calls(calls, action_format):
 # environment
 
 
-def make_env(task, action_format="json", max_steps=None):
-    """max_steps None: the bench's default (BFCL 20, AppWorld 40). AppWorld ignores action_format (code)."""
+def make_env(task, action_format="json", max_steps=None, protocol="friendly"):
+    """max_steps None: the bench's default (BFCL 20, AppWorld 40). AppWorld ignores action_format (code) and
+    protocol."""
+    if protocol not in ACTION_PROTOCOLS:
+        raise ValueError(f"unknown action protocol {protocol!r}; allowed: {ACTION_PROTOCOLS}")
     if task.get("bench") == "appworld":
         return AppWorldEnv(task, APPWORLD_MAX_STEPS if max_steps is None else max_steps)
-    return BFCLEnv(task, action_format, 20 if max_steps is None else max_steps)
+    return BFCLEnv(task, action_format, 20 if max_steps is None else max_steps, protocol)
 
 
 def _backend_class(name):
     return getattr(importlib.import_module(CLASS_FILE_PATH_MAPPING[name]), name)
 
 
+def _user_content(messages):
+    """The content of a turn's first user message, as the authors' env sends it ("" if it has none)."""
+    return next((m["content"] for m in messages if m["role"] == "user"), "")
+
+
+def _authors_content(result):
+    """A result as the authors' env shows it: parsed JSON when it looks like JSON and parses, else the text."""
+    if result.strip().startswith(("{", "[")):
+        try:
+            return json.loads(result)
+        except (ValueError, RecursionError):
+            pass
+    return result
+
+
+def authors_results_text(results):
+    """[(call_id, result text)] -> the content of the one user message that carries them in the authors' env."""
+    blocks = ["<tool_call>\n" + json.dumps({"name": cid, "content": _authors_content(r)}, ensure_ascii=False)
+              + "\n</tool_call>" for cid, r in results]
+    return "\n".join(blocks) + "\n"
+
+
 class BFCLEnv:
     """One BFCL multi-turn task with live backend instances. Construction already resets it."""
 
-    def __init__(self, task, action_format="json", max_steps=20):
-        if action_format not in ACTION_FORMATS:
-            raise ValueError(f"unknown action format {action_format!r}; allowed: {ACTION_FORMATS}")
-        self.task, self.action_format, self.max_steps = task, action_format, max_steps
-        self.schemas = bfcl_tools(task["involved_classes"], task.get("excluded_function") or ())
+    def __init__(self, task, action_format="json", max_steps=20, protocol="friendly"):
+        _check_protocol(action_format, protocol)
+        self.task, self.action_format, self.max_steps, self.protocol = task, action_format, max_steps, protocol
+        if protocol == "authors":  # every function of the classes, listed raw in the system prompt
+            self.docs = bfcl_docs(task["involved_classes"])
+            self.schemas = bfcl_tools(task["involved_classes"])
+        else:
+            self.docs = None
+            self.schemas = bfcl_tools(task["involved_classes"], task.get("excluded_function") or ())
         self.tool_names = {t["function"]["name"] for t in self.schemas}
-        # what the chat template gets as tools=: the schemas in the json format; none in the python format,
-        # whose system prompt lists the docs itself (the template's <tool_call> instructions would contradict it)
-        self.tools = self.schemas if action_format == "json" else []
+        # what the chat template gets as tools=: the schemas in the friendly json format; none in the python
+        # format, whose system prompt lists the docs itself (the template's <tool_call> instructions would
+        # contradict it), nor under the authors' protocol, whose system prompt holds its own tool list
+        self.tools = self.schemas if protocol == "friendly" and action_format == "json" else []
         self.reset()
 
     def reset(self):
-        self.turn, self.steps, self.done = 0, 0, False
+        self.turn, self.steps, self.done, self.completed = 0, 0, False, False  # completed: every turn finished
         self.calls = [[]]  # per turn, per step: checker strings of the executed calls
         self.methods = {}  # function name -> bound method of a backend instance (tools only)
         for cls_name in self.task["involved_classes"]:
@@ -328,60 +515,93 @@ class BFCLEnv:
             for name, method in inspect.getmembers(inst, inspect.ismethod):
                 if name in self.tool_names:
                     self.methods[name] = method
+        if self.protocol == "authors":
+            return [{"role": "system", "content": authors_system_prompt(self.docs)},
+                    {"role": "user", "content": _user_content(self.task["turns"][0])}]
         first = [dict(m) for m in self.task["turns"][0]]
         if self.action_format == "json":
             return [{"role": "system", "content": SYSTEM_JSON}] + first
         docs = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in self.schemas)
         return [{"role": "system", "content": SYSTEM_PYTHON.format(docs=docs)}] + first
 
+    def _error(self, ours, bfcl):
+        """An error result: ours ("Error: ...") under friendly, BFCL's executor wording under authors."""
+        return f"Error during execution: {bfcl}" if self.protocol == "authors" else f"Error: {ours}"
+
     def execute(self, name, args):
         """Run one parsed call on the backend; returns (result text, whether it ran)."""
         if name not in self.methods:
-            return f"Error: unknown function {name!r}.", False
+            return self._error(f"unknown function {name!r}.", f"name {name!r} is not defined"), False
         method = self.methods[name]
         try:
             inspect.signature(method).bind(**args)
         except TypeError as e:
-            return f"Error: bad arguments for {name}: {e}", False
+            return self._error(f"bad arguments for {name}: {e}", f"{name}() {e}"), False
         for k, v in args.items():
             limit = ARG_LIMITS.get((name, k))
             if limit is not None and isinstance(v, (int, float)) and abs(v) > limit:
-                return f"Error: argument {k!r} of {name} must be at most {limit} in magnitude.", False
+                msg = f"argument {k!r} of {name} must be at most {limit} in magnitude."
+                return self._error(msg, msg), False
         try:
             result = method(**args)
             return (result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)), True
-        except Exception as e:
-            return f"Error: {name} raised {type(e).__name__}: {e}", True  # it ran: state may have changed
+        except Exception as e:  # it ran: state may have changed
+            return self._error(f"{name} raised {type(e).__name__}: {e}", str(e)), True
 
     def step(self, assistant_text):
-        """Tool messages for a step with calls; next user turn ([] at the end) for a step without.
-        Only calls that reached the backend (known tool, arguments bind) are recorded for the checker."""
+        """Friendly: tool messages for a step with calls (or one error message); the next user turn ([] at the
+        end) for a step without. Authors: one user message with all results for a step with valid calls; the
+        next user turn (CONVERSATION_COMPLETED at the end) for a step without. Only calls that reached the
+        backend (known tool, arguments bind) are recorded for the checker."""
         if self.done:
             return []
         self.steps += 1
-        calls, error = parse_calls(assistant_text, self.action_format)
-        if error is not None:
-            out = [{"role": "tool", "content": f"Error: {error}"}]
-        elif calls:
-            out, executed = [], []
-            for name, args in calls:
-                result, ran = self.execute(name, args)
-                out.append({"role": "tool", "content": result})
-                if ran:
-                    executed.append(call_to_str(name, args))
-            if executed:
-                self.calls[self.turn].append(executed)
-        else:  # no call attempt: the user turn ends
-            out = []
-            if self.turn + 1 == len(self.task["turns"]):
-                self.done = True
-            elif self.steps < self.max_steps:
-                self.turn += 1
-                self.calls.append([])
-                out = [dict(m) for m in self.task["turns"][self.turn]]
+        step = self._step_authors if self.protocol == "authors" else self._step_friendly
+        out = step(assistant_text)
         if self.steps >= self.max_steps:
             self.done = True
         return out
+
+    def _step_friendly(self, text):
+        calls, error = parse_calls(text, self.action_format)
+        if error is not None:
+            return [{"role": "tool", "content": f"Error: {error}"}]
+        if not calls:  # no call attempt: the user turn ends
+            return self._end_turn()
+        return [{"role": "tool", "content": result} for result in self._run_calls(calls)]
+
+    def _step_authors(self, text):
+        calls, _ = parse_calls(text, self.action_format, "authors")
+        if not calls:  # no valid <tool_call> block: the user turn ends
+            return self._end_turn()
+        ids = [f"{name}_{k}" for k, (name, _) in enumerate(calls, 1)]
+        return [{"role": "user", "content": authors_results_text(zip(ids, self._run_calls(calls)))}]
+
+    def _run_calls(self, calls):
+        """Execute the calls in order; record those that reached the backend for the checker. Result texts."""
+        results, executed = [], []
+        for name, args in calls:
+            result, ran = self.execute(name, args)
+            results.append(result)
+            if ran:
+                executed.append(call_to_str(name, args))
+        if executed:
+            self.calls[self.turn].append(executed)
+        return results
+
+    def _end_turn(self):
+        """The user turn ends: the next turn's messages; after the last turn the episode is done ([], or the
+        authors' completion message); none when the step cap leaves no room for another turn."""
+        authors = self.protocol == "authors"
+        if self.turn + 1 == len(self.task["turns"]):
+            self.done = self.completed = True
+            return [{"role": "user", "content": CONVERSATION_COMPLETED}] if authors else []
+        if self.steps >= self.max_steps:
+            return []
+        self.turn += 1
+        self.calls.append([])
+        turn = self.task["turns"][self.turn]
+        return [{"role": "user", "content": _user_content(turn)}] if authors else [dict(m) for m in turn]
 
     def reward(self):
         """1.0 / 0.0 from the official checker, run on the recorded calls (strings we rendered ourselves)."""
@@ -429,18 +649,18 @@ class BFCLEnv:
 # ground-truth "oracle" hindsight
 
 
-def oracle_feedback(task, steps, action_format="json"):
+def oracle_feedback(task, steps, action_format="json", protocol="friendly"):
     """An upper bound for the hindsight analyzer: the first step whose calls leave the ground-truth path,
-    with feedback that names the correct call. steps: [(turn, assistant_text)] in order. Returns
-    [(step_number_1_based, feedback)] (one entry), or [] when no step diverges."""
-    env = BFCLEnv(task, action_format)
+    with feedback that names the correct call. steps: [(turn, assistant_text)] in order, read with the parser of
+    the protocol. Returns [(step_number_1_based, feedback)] (one entry), or [] when no step diverges."""
+    env = BFCLEnv(task, action_format, protocol=protocol)
     turns = {}
     for i, (turn, text) in enumerate(steps, 1):
         turns.setdefault(turn, []).append((i, text))
     for turn, items in sorted(turns.items()):
         gt, done = env.ground_truth_calls(turn), 0
         for i, text in items:
-            calls, error = parse_calls(text, action_format)
+            calls, error = parse_calls(text, action_format, protocol)
             want = call_to_str(*gt[done]) if done < len(gt) else None
             if error is not None:
                 return [(i, f"Your call could not be run ({error[:150]}). "
@@ -452,7 +672,8 @@ def oracle_feedback(task, steps, action_format="json"):
                     done += 1
                     continue
                 return [(i, f"You should call {want} instead of {call_to_str(*c)}." if want else
-                            f"You should not call {call_to_str(*c)}: the request is already done; answer in plain text.")]
+                            f"You should not call {call_to_str(*c)}: the request is already done; "
+                            "answer in plain text.")]
     return []
 
 
@@ -601,7 +822,7 @@ class AppWorldEnv:
     def __init__(self, task, max_steps=APPWORLD_MAX_STEPS, timeout=100, max_output=APPWORLD_MAX_OUTPUT):
         _require_appworld()
         self.task, self.max_steps, self.timeout, self.max_output = task, max_steps, timeout, max_output
-        self.tools, self.turn, self.steps, self.done = [], 0, 0, True
+        self.tools, self.turn, self.steps, self.done, self.completed = [], 0, 0, True, False
         self.evaluation, self.proc = None, None
         self._start()
 
@@ -632,7 +853,7 @@ class AppWorldEnv:
     def reset(self):
         if self.proc is None or self.proc.poll() is not None:
             self._start()
-        self.turn, self.steps, self.done, self.evaluation = 0, 0, False, None
+        self.turn, self.steps, self.done, self.completed, self.evaluation = 0, 0, False, False, None
         self.experiment = f"hintsd_{uuid.uuid4().hex[:12]}"  # own output dir: rollouts of one task run side by side
         info = self._call("reset", task_id=self.task["id"], experiment=self.experiment, timeout=self.timeout)
         apps = "\n".join(f"- {name}: {desc}" for name, desc in info["apps"].items())
@@ -646,6 +867,7 @@ class AppWorldEnv:
             return []
         self.steps += 1
         out = self._call("execute", code=extract_code(assistant_text))
+        self.completed = bool(out["completed"])  # the agent called complete_task
         if out["completed"] or self.steps >= self.max_steps:
             self._finish()
         return [{"role": "tool", "content": clip_output(out["output"], self.max_output)}]

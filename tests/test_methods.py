@@ -42,26 +42,51 @@ def test_clipped_pg_loss_gradient_and_clip():
     assert logp.grad[0] == 0 and logp.grad[1] > 0
 
 
-def test_pg_update_uses_the_sampled_tokens_and_their_rollout_logprobs(policy, trajs):
+def test_policy_gradient_uses_the_sampled_tokens_and_their_rollout_logprobs(policy, trajs):
     model, tok = policy
     model = copy.deepcopy(model)
     params = hintsd.trainable_params(model, 4, 8)
     # rollout logprobs (from the KV-cache sampler) match a fresh forward: the ratio starts at 1
     t = trajs[0]
     with torch.no_grad():
-        lp = hintsd.action_logprobs(model, t, t.steps)
+        [logits] = hintsd.packed_logits(model, [t.tokens], [[j - 1 for j in hintsd.action_tokens(t.steps)]], 0)
+    ids = torch.tensor([t.tokens[j] for j in hintsd.action_tokens(t.steps)])
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
     old = torch.tensor([x for s in t.steps for x in s.logprobs])
     assert lp.shape == old.shape and torch.allclose(lp, old, atol=1e-3)
-    st = hintsd.new_stats()
-    hintsd.pg_update(model, trajs, [[0.0] * len(t.steps) for t in trajs], st)
-    assert st["pg_tokens"] == 0 and all(p.grad is None for p in params)  # zero advantage: nothing to learn
-    hintsd.pg_update(model, trajs, [[1.0] * len(trajs[0].steps), [-1.0] * len(trajs[1].steps)], st)
-    assert st["pg_tokens"] == failed_tokens(trajs)
+    cfg = hintsd.LossConfig()
+    zero = hintsd.Signal(advantages=[[0.0] * len(t.steps) for t in trajs])
+    loss, sums = hintsd.task_loss(model, tok, trajs, [0, 1], zero, None, cfg, 1 << 20, (0, 1.0, 0))
+    assert loss is None and sums.pg_tokens == 0  # zero advantage: nothing to learn, nothing run
+    sig = hintsd.Signal(advantages=[[1.0] * len(trajs[0].steps), [-1.0] * len(trajs[1].steps)])
+    loss, sums = hintsd.task_loss(model, tok, trajs, [0, 1], sig, None, cfg, 1 << 20, (0, 1.0, 0))
+    loss.backward()
+    assert sums.pg_tokens == failed_tokens(trajs)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    # on-policy: the loss is -sum(A) over the tokens (ratio 1)
+    want = -(sum(len(s.logprobs) for s in trajs[0].steps) - sum(len(s.logprobs) for s in trajs[1].steps))
+    assert abs(sums.pg - want) < 1e-2
     # per-step advantages (OpenClaw's judge scores): only the steps with a nonzero score are run
-    st = hintsd.new_stats()
-    hintsd.pg_update(model, trajs[:1], [[0.0] * (len(trajs[0].steps) - 1) + [-1.0]], st)
-    assert st["pg_tokens"] == trajs[0].steps[-1].end - trajs[0].steps[-1].start
+    one = hintsd.Signal(advantages=[[0.0] * (len(trajs[0].steps) - 1) + [-1.0], [0.0] * len(trajs[1].steps)])
+    _, sums = hintsd.task_loss(model, tok, trajs, [0, 1], one, None, cfg, 1 << 20, (0, 1.0, 0))
+    assert sums.pg_tokens == trajs[0].steps[-1].end - trajs[0].steps[-1].start
+
+
+def test_grpo_and_distillation_normalisers(policy, trajs):
+    """loss_weights: a token mean per task averaged over the step's tasks (the authors', a task without targets
+    counting 0), or one token mean; PG over every sampled action token of the step."""
+    model, tok = policy
+    sig = hintsd.Signal(targets=[hintsd.Target(0, 0, "You should call ls.")],
+                        advantages=[[1.0] * len(t.steps) for t in trajs])
+    n0 = trajs[0].steps[0].end - trajs[0].steps[0].start
+    groups = [[0], [1]]
+    total = hintsd.token_totals(trajs, groups, sig, tok, 1 << 20)
+    assert total[:2] == [n0, sum(len(s.logprobs) for t in trajs for s in t.steps)]
+    w = hintsd.loss_weights(trajs, groups, sig, tok, 1 << 20, "task", 2, total)
+    assert w[0][0] == 1 / (2 * n0) and w[1][0] == 1.0  # task 2 has no target: its KL weight is never used
+    assert w[0][1] == w[1][1] == 1 / total[1]
+    w = hintsd.loss_weights(trajs, groups, sig, tok, 1 << 20, "token", 2, total)
+    assert w[0][0] == w[1][0] == 1 / n0
 
 
 # ----------------------------------------------------------------------------- SDPO
@@ -70,20 +95,21 @@ def test_sdpo_places_feedback_before_the_first_action_and_masks_every_action_tok
     hindsight = [hintsd.Target(0, 1, "You should list files."), hintsd.Target(1, 0, "You should cd first.")]
     targets = hintsd.sdpo_targets(trajs, hindsight)
     assert [(tg.traj, tg.step) for tg in targets] == [(i, j) for i in (0, 1) for j in range(len(trajs[i].steps))]
-    assert all(tg.at == 0 for tg in targets)
-    st = hintsd.new_stats()
-    hintsd.distill(copy.deepcopy(model), tok, trajs, targets, None, 1 << 20, None, st, backward=False)
-    assert st["tokens"] == failed_tokens(trajs)  # the mask covers every action token of the failed rollouts
+    assert all(tg.at_step == 0 for tg in targets)
+    sums = hintsd.update(copy.deepcopy(model), tok, trajs, [[0, 1]], hintsd.Signal(targets), None,
+                         hintsd.LossConfig(), 1 << 20, 1, [0, 0, 0], backward=False)
+    assert sums.kl_tokens == failed_tokens(trajs)  # every action token of the failed rollouts
     # teacher = one full forward of prefix + feedback + the whole rollout, read at every action token
     t = trajs[0]
+    ctxs, rows, served, _ = hintsd.teacher_contexts(tok, trajs, [tg for tg in targets if tg.traj == 0], 1 << 20)
     fb = hintsd.feedback_ids(tok, "You should list files.")
-    got = hintsd.teacher_logits(model, t, t.steps, [fb] * len(t.steps), at=[t.steps[0].header] * len(t.steps))
     h0 = t.steps[0].header
-    ref = model(torch.tensor([t.tokens[:h0] + fb + t.tokens[h0:t.steps[-1].end]])).logits[0].float()
-    want = torch.cat([ref[s.start + len(fb) - 1: s.end + len(fb) - 1] for s in t.steps])
-    assert torch.allclose(torch.cat(got), want, atol=1e-4)
-    naive = hintsd.teacher_logits(model, t, t.steps, [fb] * len(t.steps), False, [h0] * len(t.steps))
-    assert torch.allclose(torch.cat(naive), want, atol=1e-4)
+    assert ctxs == [t.tokens[:h0] + fb + t.tokens[h0:t.steps[-1].end]] and len(served[0]) == len(t.steps)
+    with torch.no_grad():
+        got = hintsd.packed_logits(model, ctxs, rows, 1 << 20)[0]
+        ref = model(torch.tensor(ctxs), logits_to_keep=torch.tensor(rows[0])).logits[0].float()
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert rows[0] == [j + len(fb) - 1 for j in hintsd.action_tokens(t.steps)]
 
 
 # ----------------------------------------------------------------------------- OpenClaw
@@ -94,28 +120,36 @@ def test_openclaw_judges_every_step_and_places_each_hint_at_its_own_step(policy,
     answers = ['{"score": -1, "hint": "You should call ls."}', '{"score": 1, "hint": ""}', "no idea",
                '```json\n{"score": -1, "hint": "You should call pwd."}\n```'] * n
 
-    def judge(model_, tok_, chats, max_new, desc):  # stands in for the model's greedy answers
+    def judge(model_, tok_, chats, max_new, *args, **kw):  # stands in for the model's answers
         seen.extend(chats)
         return answers[:len(chats)]
     monkeypatch.setattr(hintsd, "generate_texts", judge)
-    st = hintsd.new_stats()
-    targets, scores = hintsd.judge_steps(model, tok, trajs, 32, st)
+    targets, scores, raw, failures = hintsd.judge_steps(model, tok, trajs, 32, 0)
     pairs = [(i, j) for i, t in enumerate(trajs) for j in range(len(t.steps))]
-    assert len(seen) == st["judge_calls"] == n                   # one judge call per assistant turn
-    for (i, j), chat in zip(pairs, seen):                        # each call reads that turn's action and outcome
-        assert trajs[i].steps[j].text.strip() in chat[1]["content"] or len(trajs[i].steps[j].text) > 1400
-        assert hintsd.step_outputs(trajs[i].messages)[j].strip()[:200] in chat[1]["content"]
+    assert len(seen) == len(raw) == n                             # one judge call per assistant step
+    for (i, j), chat in zip(pairs, seen):                        # each call reads that step's action and outcome
+        s = trajs[i].steps[j]
+        assert s.text.strip() in chat[1]["content"] or len(s.text) > 1400
+        assert hintsd.output_text(s).strip()[:200] in chat[1]["content"]
     hinted = [p for p, a in zip(pairs, answers) if '"hint": "You' in a]
-    assert [(tg.traj, tg.step) for tg in targets] == hinted and all(tg.at is None for tg in targets)
-    assert st["parse_failures"] == sum(a == "no idea" for a in answers[:n])
+    assert [(tg.traj, tg.step) for tg in targets] == hinted and all(tg.at_step is None for tg in targets)
+    assert failures == sum(a == "no idea" for a in answers[:n])
     assert [x for s in scores for x in s] == [{"no idea": 0.0, '{"score": 1, "hint": ""}': 1.0}.get(a, -1.0)
                                               for a in answers[:n]]
-    # each hint conditions the teacher of its own turn only: feedback right before that action's header
+    # each hint conditions the teacher of its own step only: feedback right before that action's header
     t, tg = trajs[targets[0].traj], targets[0]
-    s, fb = t.steps[tg.step], hintsd.feedback_ids(tok, tg.feedback)
-    got = hintsd.teacher_logits(model, t, [s], [fb])[0]
-    ref = model(torch.tensor([t.tokens[:s.header] + fb + t.tokens[s.header:s.end]])).logits[0].float()
-    assert torch.allclose(got, ref[s.start + len(fb) - 1: s.end + len(fb) - 1], atol=1e-4)
+    [ctx], _, _, _ = hintsd.teacher_contexts(tok, trajs, [tg], 1 << 20)
+    s = t.steps[tg.step]
+    assert ctx == t.tokens[:s.header] + hintsd.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.end]
+
+
+def test_step_requests_follow_the_turns(trajs):
+    t = trajs[0]
+    reqs = hintsd.step_requests(t)
+    first = next(m["content"] for m in t.messages if m["role"] == "user")
+    for s, req in zip(t.steps, reqs):
+        assert req == first if s.turn == 0 else req == hintsd.output_text(t.steps[[x.turn for x in t.steps].index(
+            s.turn) - 1])
 
 
 def test_judge_parser():
@@ -137,8 +171,10 @@ def test_sft_loss_is_cross_entropy_on_the_action_tokens(policy, trajs):
         for p in params:
             p.normal_(0, 0.1)
     t = trajs[0]
-    st = hintsd.new_stats()
-    hintsd.sft_update(model, [t], st)
+    n = sum(s.end - s.start for s in t.steps)
+    loss, sums = hintsd.task_loss(model, tok, [t], [0], hintsd.Signal(ce=True), None, hintsd.LossConfig(), 1 << 20,
+                                  (0, 0, 1.0 / n))
+    loss.backward()
     mine = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
@@ -146,23 +182,39 @@ def test_sft_loss_is_cross_entropy_on_the_action_tokens(policy, trajs):
     labels = torch.full_like(ids, -100)
     for s in t.steps:
         labels[0, s.start:s.end] = ids[0, s.start:s.end]
-    ref = F.cross_entropy(model(ids).logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
+    keep = torch.arange(ids.shape[1] - 1)
+    ref = F.cross_entropy(model(ids, logits_to_keep=keep).logits[0].float(), labels[0, 1:], ignore_index=-100)
     ref.backward()
-    assert st["tokens"] == sum(s.end - s.start for s in t.steps)
-    assert abs(st["loss_sum"] / st["tokens"] - float(ref.detach())) < 1e-4
+    assert sums.ce_tokens == n and abs(sums.ce / n - float(ref.detach())) < 1e-4
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(mine, params))
 
 
-def test_ground_truth_replay_is_a_successful_rollout_without_the_model(policy):
+@pytest.mark.parametrize("protocol", envs.ACTION_PROTOCOLS)
+def test_ground_truth_replay_is_a_successful_rollout_without_the_model(policy, protocol):
     model, tok = policy
     task = envs.load_tasks("bfcl", "train")[0]
-    env = envs.make_env(task)
-    [t] = hintsd.ground_truth_replays(model, tok, [task], "json", 16384)
-    assert t.reward == 1.0 and t.status == "done"
+    env = envs.make_env(task, protocol=protocol)
+    [t] = hintsd.sft_dataset(model, tok, [task], "json", protocol, 16384)
+    assert t.reward == 1.0 and t.status == "completed"
     assert [s.text for s in t.steps] == env.ground_truth_actions() and all(not s.logprobs for s in t.steps)
     for s in t.steps:  # spans hold exactly the action ids; the rendered chat equals the ids
         assert tok.decode(t.tokens[s.start:s.end]) == s.text + "<|im_end|>"
-    assert hintsd.render(tok, t.messages, env.tools, False).startswith(tok.decode(t.tokens))
+    text, contents = hintsd.render(tok, t.messages, env.tools, False)
+    assert tok.decode(hintsd.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens))
+
+
+def test_sft_dataset_adds_successful_external_trajectories_and_skips_bad_lines(policy, tmp_path, capsys):
+    model, tok = policy
+    task = envs.load_tasks("bfcl", "train")[0]
+    gt = envs.make_env(task).ground_truth_actions()
+    f = tmp_path / "ext.jsonl"
+    f.write_text("\n".join([json.dumps({"task_id": task["id"], "actions": gt}),                    # succeeds
+                            json.dumps({"task_id": task["id"], "messages": [{"role": "assistant", "content": "hi"}]}),
+                            json.dumps({"task_id": "nope", "actions": gt}), "{ broken"]) + "\n")
+    demos = hintsd.sft_dataset(model, tok, [task], "json", "friendly", 16384, str(f))
+    assert len(demos) == 2 and all(d.reward == 1.0 for d in demos)  # the replay and the good external line
+    err = capsys.readouterr().err
+    assert "line 3: skipped" in err and "line 4: skipped" in err
 
 
 def test_rollout_with_replayed_prefix_and_hint(policy):
@@ -171,9 +223,8 @@ def test_rollout_with_replayed_prefix_and_hint(policy):
     env = envs.make_env(task, max_steps=5)
     gt = env.ground_truth_actions()
     cfg = hintsd.SamplingConfig(max_new_tokens=8, temperature=1.0, max_len=16384)
-    gen = torch.Generator().manual_seed(0)
     hint = "You should double-check the file name."
-    [start, target] = hintsd.rollout(model, tok, [envs.make_env(task, max_steps=5) for _ in range(2)], cfg, gen,
+    [start, target] = hintsd.rollout(model, tok, [envs.make_env(task, max_steps=5) for _ in range(2)], cfg, [0, 1],
                                      forced=[[], gt[:2]], hints=[(0, hint), (2, hint)])
     fb = prompts.feedback_message(hint)
     # start: the hint is the message right after the task; target: right before the third action
@@ -181,20 +232,22 @@ def test_rollout_with_replayed_prefix_and_hint(policy):
     roles = [m for m in target.messages if m["role"] == "assistant" or m == fb]
     assert roles[2] == fb and [s.text for s in target.steps[:2]] == gt[:2]
     assert not target.steps[0].logprobs and len(target.steps) > 2 and target.steps[2].logprobs
+    assert all(fb not in s.output for s in target.steps)  # the hint is ours, not what the environment said
     for t in (start, target):  # the token ids are the rendered chat, hint included
-        assert hintsd.render(tok, t.messages, env.tools, False).startswith(tok.decode(t.tokens))
+        text, contents = hintsd.render(tok, t.messages, env.tools, False)
+        assert tok.decode(hintsd.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens))
 
 
 # ----------------------------------------------------------------------------- every method from the CLI
 @pytest.mark.parametrize("method", ["sdpo", "openclaw", "grpo", "sft", "initial"])
 def test_every_method_runs_one_step_from_the_cli(tiny_qwen, tmp_path, method):
     out = tmp_path / method
-    hintsd.main(["--model", str(tiny_qwen), "--method", method, "--feedback",
+    hintsd.main(["--model", str(tiny_qwen), "--preset", "cpu", "--method", method, "--feedback",
                  "policy" if method == "openclaw" else "oracle", "--limit", "1", "--rollouts", "2", "--steps", "1",
                  "--tasks-per-step", "1", "--max-new-tokens", "6", "--max-env-steps", "3", "--analyzer-tokens", "8",
                  "--lora-rank", "4", "--lr", "1e-2", "--temperature", "1.0", "--after-check", "--out", str(out)])
     [row] = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert row["method"] == method and row["rollouts"] == 2
+    assert row["method"] == method and row["rollouts"] == (1 if method == "sft" else 2)
     assert {"time_rollout", "time_feedback", "time_update", "peak_mem_gb", "tokens_supervised"} <= row.keys()
     if method == "sdpo":  # oracle hindsight on failed rollouts: every action token of them
         [rl] = [json.loads(x) for x in open(out / "rollouts.jsonl")]
@@ -206,18 +259,19 @@ def test_every_method_runs_one_step_from_the_cli(tiny_qwen, tmp_path, method):
         assert row["judge_positive"] + row["judge_negative"] + row["parse_failures"] == row["judge_calls"]
     if method == "grpo":
         assert row["advantages"] == [0.0, 0.0] and row["tokens_supervised"] == 0  # both failed: no update
-    if method == "sft":
-        assert row["sft_ground_truth"] == 1 and row["tokens_supervised"] > 0 and row["ce_after"] < row["ce"]
+    if method == "sft":  # offline: the task's ground-truth replay, no rollouts
+        assert row["success_rate"] is None and row["tokens_supervised"] > 0 and row["ce_after"] < row["ce"]
     if method == "initial":
         assert row["tokens_supervised"] == 0 and row["targets"] == 0
 
 
 def test_cli_rejects_openclaw_without_a_judge(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         hintsd.parse_args(["--method", "openclaw", "--feedback", "oracle"])
-    with pytest.raises(SystemExit):
+    assert e.value.code == 2 and "judge is the policy" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         hintsd.parse_args(["--method", "dpo"])
-    assert "judge is the policy" in capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'dpo'" in capsys.readouterr().err
 
 
 def test_placement_analysis_runs_paired_conditions(tiny_qwen, tmp_path, monkeypatch, capsys):
@@ -230,6 +284,8 @@ def test_placement_analysis_runs_paired_conditions(tiny_qwen, tmp_path, monkeypa
     placement.main()
     [pair] = [json.loads(x) for x in open(out / "pairs.jsonl")]
     assert {c: len(r) for c, r in pair["rewards"].items()} == {c: 1 for c in placement.CONDITIONS}
+    assert 1 <= pair["target_step"] <= pair["steps"] and pair["feedback"].startswith(("You should", "The request",
+                                                                                       "Your call"))
     s = json.loads((out / "summary.json").read_text())
-    assert s["pairs"] == 1 and s["target_minus_start"] == s["gain_target"] - s["gain_start"]
+    assert s["pairs"] == 1 and s["success"] == {c: 100.0 * r[0] for c, r in pair["rewards"].items()}
     assert "| target - start |" in capsys.readouterr().out

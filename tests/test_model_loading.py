@@ -1,4 +1,5 @@
-"""Embedded-model cache: a wrong checksum and a broken cache give clear errors and leave nothing half-written."""
+"""Embedded-model cache: a wrong checksum or a missing part gives a clear error and leaves nothing half-written
+(a cache with a truncated or missing file is rebuilt: tests/test_robustness.py)."""
 import pytest
 
 import hintsd
@@ -18,16 +19,9 @@ def test_missing_part_package_says_what_to_install(tmp_path, monkeypatch):
         hintsd.join_embedded_gguf(tmp_path / "x.gguf")
 
 
-def test_broken_cache_is_reported_and_removed_for_a_rebuild(tmp_path):
-    d = tmp_path / "qwen2.5-coder-0.5b-instruct"
-    d.mkdir()
-    (d / "COMPLETE").write_text("x")
-    (d / "config.json").write_text("{ not json")
-    with pytest.raises(SystemExit, match="was broken and has been removed"):
-        hintsd.load_model("embedded", cache_dir=tmp_path)
-    assert not d.exists()
-
-
 def test_missing_model_gives_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="cannot load model"):
+    with pytest.raises(SystemExit, match="cannot load model .*not a local directory"):
         hintsd.load_model(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="exists but is not a loadable model dir"):
+        hintsd.load_model(str(tmp_path))
