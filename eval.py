@@ -5,6 +5,7 @@
     python eval.py --compare runs/eval/initial runs/eval/hintsd     # Table 1 layout, from saved summaries
     python eval.py --target-steps runs/hintsd                       # target-step distribution per epoch (Fig. 2)
     python eval.py --plot runs/hintsd runs/sdpo                     # success / KL / target-step figures (PNG)
+    torchrun --nproc_per_node=4 eval.py ...                         # tasks sharded by rank, joined on rank 0
 
 Settings not given on the command line come from hintsd.PRESETS (--preset; auto = cpu on a CPU device, else paper).
 Writes DIR/trajectories.jsonl (one line per rollout: messages, token ids, steps, reward) and DIR/summary.json
@@ -14,6 +15,7 @@ summary last, so a DIR with summary.json always holds one complete eval.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -402,14 +404,41 @@ def main(argv=None):
     tasks = envs.load_tasks(a.bench, a.split, turns=a.turns)[: a.limit]
     if not tasks:
         ap.error(f"--split {a.split}: no {a.bench} tasks")
-    model, tok = hintsd.load_model(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None)
+    ddp, rank, world, device = hintsd.init_distributed(a.device)  # under torchrun: each rank its share of tasks
+    model, tok = hintsd.load_model(a.model, device, getattr(torch, a.dtype) if a.dtype else None)
     cfg = hintsd.SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
     settings = {"split": a.split, "limit": a.limit, "turns": a.turns, "model": a.model, "device": a.device,
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "preset": a.preset,
                 "top_p": cfg.top_p, **{key: getattr(a, key) for key in EVAL_SETTINGS}}
-    summary = evaluate(model, tok, tasks, a.k, cfg, a.action_format, a.max_env_steps, a.seed, Path(a.out),
-                       protocol=a.action_protocol, settings=settings)
-    print(json.dumps(summary, indent=2))
+    out = Path(a.out)
+    if ddp and rank == 0:
+        (out / "summary.json").unlink(missing_ok=True)
+    summary = evaluate(model, tok, tasks[rank::world], a.k, cfg, a.action_format, a.max_env_steps, a.seed,
+                       out / f".rank-{rank}" if ddp else out, protocol=a.action_protocol, settings=settings)
+    if ddp:  # every rank has written its part: rank 0 joins them in task order, as one process would have
+        torch.distributed.barrier()
+        if rank == 0:
+            summary = join_ranks(out, world, [t["id"] for t in tasks], summary)
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(summary, indent=2))
+
+
+def join_ranks(out: Path, world: int, task_ids: list[str], like: dict) -> dict:
+    """The ranks' trajectories (out/.rank-R/) in task order, written and summarised as by one process; the rank
+    dirs are removed once the joined files are in place."""
+    order = {t: i for i, t in enumerate(task_ids)}
+    rows = [json.loads(x) for r in range(world) for x in open(out / f".rank-{r}" / "trajectories.jsonl")]
+    rows.sort(key=lambda x: order[x["task_id"]])  # stable: a task's rollouts keep their order
+    summary = {**like, **pass_at_k_summary([{k: x[k] for k in ("task_id", "category", "reward")} for x in rows]),
+               "processes": world}
+    (out / "trajectories.jsonl.tmp").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
+    os.replace(out / "trajectories.jsonl.tmp", out / "trajectories.jsonl")
+    os.replace(out / "summary.json.tmp", out / "summary.json")
+    for r in range(world):
+        shutil.rmtree(out / f".rank-{r}")
+    return summary
 
 
 if __name__ == "__main__":

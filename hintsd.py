@@ -141,26 +141,14 @@ def kv_attention_on(model):
         model.config._attn_implementation = old
 
 
-def head(model, h: torch.Tensor) -> torch.Tensor:
-    """float32 logits [..., V] of hidden states h [..., D], through the model's own output head and its final
-    logit scaling, where the model has one (Gemma's softcapping, Cohere's logit_scale)."""
-    logits = model.get_output_embeddings()(h)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    cfg = model.config.get_text_config()
-    if getattr(cfg, "logit_scale", None):
-        logits = logits * cfg.logit_scale
-    if getattr(cfg, "final_logit_softcapping", None):
-        logits = cfg.final_logit_softcapping * torch.tanh(logits / cfg.final_logit_softcapping)
-    return logits
-
-
-def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
-    """Run ids [B, T] (new [B, T] marks real tokens; padding comes after them) against the cache and append the
-    real ones. Returns the hidden states [B, T, D]."""
+def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int, keep) -> torch.Tensor:
+    """Run ids [B, T] (new [B, T] marks real tokens; padding comes after them) against the cache and append the real
+    ones. Returns float32 logits [B, K, V] at the columns `keep` (an int n: the last n columns; or K indices), from
+    the model's own forward, so its output head and any final logit scaling apply."""
     pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    h = model.base_model(input_ids=ids, position_ids=pos, kv=(cache, new, width), use_cache=False).last_hidden_state
+    out = model(input_ids=ids, position_ids=pos, kv=(cache, new, width), use_cache=False, logits_to_keep=keep)
     cache.lengths += new.sum(1)
-    return h
+    return out.logits.float()
 
 
 PREFILL_CHUNK = 2048  # tokens per forward when prefilling: bounds the attention's memory on long prompts
@@ -173,22 +161,24 @@ def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
     T, dev = max(map(len, chunks)), cache.lengths.device
     cache.reserve(T)
     ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)
-    n = torch.tensor([len(c) for c in chunks], device=dev)
-    new = torch.arange(T, device=dev) < n[:, None]
-    last, rows = None, torch.arange(len(chunks), device=dev)
+    new = torch.arange(T, device=dev) < torch.tensor([len(c) for c in chunks], device=dev)[:, None]
+    last = [None] * len(chunks)
     for c0 in range(0, T, PREFILL_CHUNK):
-        h = forward_tokens(model, cache, ids[:, c0:c0 + PREFILL_CHUNK], new[:, c0:c0 + PREFILL_CHUNK],
-                           cache.width(min(T, c0 + PREFILL_CHUNK)))
-        here = (n - 1 >= c0) & (n - 1 < c0 + h.shape[1])           # rows whose last token is in this piece
-        h_last = h[rows, (n - 1 - c0).clamp(0, h.shape[1] - 1)]
-        last = h_last if last is None else torch.where(here[:, None], h_last, last)
+        t = min(PREFILL_CHUNK, T - c0)
+        ends = [len(c) - 1 - c0 for c in chunks]  # each row's last token, as a column of this piece
+        keep = sorted({e for e in ends if 0 <= e < t})
+        logits = forward_tokens(model, cache, ids[:, c0:c0 + t], new[:, c0:c0 + t], cache.width(c0 + t),
+                                torch.tensor(keep or [0], device=dev))
+        for b, e in enumerate(ends):
+            if 0 <= e < t:
+                last[b] = logits[b, keep.index(e)]
     cache.bound = [b + len(c) for b, c in zip(cache.bound, chunks)]
-    return head(model, last)
+    return torch.stack([x if x is not None else logits[b, 0] for b, x in enumerate(last)])
 
 
 def decode_one_token(model, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor, width: int) -> torch.Tensor:
     """One token per row (tokens [B]; rows with active False write nothing) -> next-token logits [B, V]."""
-    return head(model, forward_tokens(model, cache, tokens[:, None], active[:, None], width)[:, 0])
+    return forward_tokens(model, cache, tokens[:, None], active[:, None], width, 1)[:, 0]
 
 
 class CudaGraphs:
@@ -636,6 +626,34 @@ def trainable_params(model, lora_rank: int, lora_alpha: float, dropout: float = 
     return params
 
 
+def shard(model) -> list[torch.nn.Parameter]:
+    """FSDP2: each decoder layer, then the rest of the model, sharded over the ranks (so a model whose weights,
+    gradients and AdamW moments do not fit one GPU can train). Gradients are summed over ranks, not averaged:
+    the loss's normalisers already count every rank's tokens. Returns the (sharded) params."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=True)
+    for m in fsdp_units(model):  # every unit: a plain SUM (gloo has no pre-multiplied sum either)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    return list(model.parameters())
+
+
+def fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def hold_whole(model, on: bool) -> None:
+    """FSDP2: gather every unit's weights once and keep them whole (forwards and backwards then need no collective,
+    so ranks may run different numbers of them), or shard them again."""
+    for m in fsdp_units(model):
+        m.set_reshard_after_forward(not on, recurse=False)
+        m.set_reshard_after_backward(not on, recurse=False)
+        m.unshard() if on else m.reshard()
+
+
 class Shadow:
     """A second set of values for the trainable params, in float32: the EMA teacher, or the frozen initial policy.
     With LoRA these are two small matrices per projection on the one shared base model. `with shadow:` runs the
@@ -967,10 +985,11 @@ def packed_logits(model, seqs: list[list[int]], rows: list[list[int]], max_token
                 mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo(torch.float32).min)
         if torch.is_grad_enabled():
             set_grad_ckpt(model, ckpt == "on" or (ckpt == "auto" and needs_ckpt(model, T)))
-        h = model.base_model(input_ids=torch.tensor([p.ids], device=dev), position_ids=torch.tensor([p.pos], device=dev),
-                             attention_mask=mask, use_cache=False).last_hidden_state[0]
-        for k, s in enumerate(group):
-            out[s] = head(model, h[torch.tensor([p.where[k][r] for r in rows[s]], device=dev, dtype=torch.long)])
+        keep = [p.where[k][r] for k, s in enumerate(group) for r in rows[s]]
+        logits = model(input_ids=torch.tensor([p.ids], device=dev), position_ids=torch.tensor([p.pos], device=dev),
+                       attention_mask=mask, use_cache=False, logits_to_keep=torch.tensor(keep, device=dev)).logits[0]
+        for s, part in zip(group, logits.float().split([len(rows[s]) for s in group])):
+            out[s] = part
     return out
 
 
@@ -1192,8 +1211,17 @@ def latest_checkpoint(out: Path, device) -> tuple[Path, dict, dict] | None:
     return None
 
 
-def merge_and_save(model, out_dir: Path) -> None:
-    """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads."""
+def merge_and_save(model, out_dir: Path, master: bool = True) -> None:
+    """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads
+    (under FSDP2 every rank gathers the whole weights, rank 0 writes)."""
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            model.save_pretrained(out_dir, state_dict=sd)
+        return
+    if not master:
+        return
     for mod in list(model.modules()):
         for name, sub in list(mod.named_children()):
             if isinstance(sub, LoRALinear):
@@ -1619,6 +1647,9 @@ def train_step(run: Run, a, step: int, batch: list[tuple[int, dict]], tasks_by_i
     batch: this rank's (index in the step, task) pairs (sft: demonstrations). Returns the metrics row (summed
     over ranks), this rank's rollouts with their targets, and the raw analyzer / judge answers."""
     model, tok = run.model, run.tok
+    fsdp = ddp and a.lora_rank == 0
+    if fsdp:  # ranks play different episodes, so no collective may run until the one synced backward at the end
+        hold_whole(model, True)
     t0 = time.time()
     # rollouts: n per task, all tasks of this rank in one batch; each rollout's draws seeded by (step, task, n)
     cfg = SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len, a.cuda_graphs)
@@ -1659,8 +1690,14 @@ def train_step(run: Run, a, step: int, batch: list[tuple[int, dict]], tasks_by_i
     for p in run.params:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
     cache = {} if a.after_check else None
+    if fsdp:  # gradients accumulate locally; one zero-loss backward on every rank reduce-scatters them
+        model.set_requires_gradient_sync(False)
     sums = update(model, tok, trajs, groups, sig, teacher, loss_cfg, a.max_len, a.tasks_per_step, total, True, cache)
-    if ddp:  # data parallel: every rank's loss used the global normalisers, so the gradient is the sum
+    if fsdp:
+        model.set_requires_gradient_sync(True)
+        hold_whole(model, False)
+        (model(input_ids=torch.tensor([[tok.eos_token_id]], device=model.device)).logits.sum() * 0).backward()
+    elif ddp:  # data parallel: every rank's loss used the global normalisers, so the gradient is the sum
         flat = torch.cat([p.grad.flatten() for p in run.params])
         dist.all_reduce(flat)
         for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
@@ -1804,7 +1841,9 @@ def train(a, out: Path, ddp: bool, rank: int, world: int, device: str, master: b
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model, device, getattr(torch, a.dtype) if a.dtype else None)
     params = trainable_params(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets)
-    shadows = {"ema": Shadow(params)}
+    if ddp and a.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
+        params = shard(model)
+    shadows = {"ema": Shadow(params)}  # (sharded alike under FSDP2)
     if a.feedback == "initial":
         shadows["initial"] = Shadow(params)  # the frozen starting weights
     demos = sft_dataset(model, tok, tasks, a.action_format, a.action_protocol, a.max_len, a.sft_data) \
@@ -1849,14 +1888,16 @@ def train(a, out: Path, ddp: bool, rank: int, world: int, device: str, master: b
         if ddp:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state(device))
+        state = checkpoint_state(run, step + 1, rngs)
         if master:
             log_step(out, row, records, answers)
-            save_checkpoint(out, step + 1, checkpoint_state(run, step + 1, rngs), settings_of(a))
+            save_checkpoint(out, step + 1, state, settings_of(a))
             tqdm.write(summary_line(row))
-    if a.merge and master:
-        merge_and_save(model, out / "merged")
-        tok.save_pretrained(out / "merged")
-        print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
+    if a.merge:
+        merge_and_save(model, out / "merged", master)
+        if master:
+            tok.save_pretrained(out / "merged")
+            print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
 
 
 def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) -> None:
@@ -1869,10 +1910,30 @@ def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) ->
             os.fsync(f.fileno())
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor that FSDP2 may have sharded (a collective then: every rank calls it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def placed_like(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A whole tensor v, sharded as p is (or v itself when p is a plain tensor)."""
+    if not hasattr(p, "device_mesh"):
+        return v
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+
+
 def checkpoint_state(run: Run, step: int, rngs: list[dict]) -> dict:
-    return {"step": step, "params": [p.detach().cpu() for p in run.params],
-            "shadows": {k: [v.cpu() for v in s.values] for k, s in run.shadows.items()},
-            "opt": run.opt.state_dict(), "sched": run.sched.state_dict(), "rng": rngs}
+    """Everything a resume needs, as whole CPU tensors (under FSDP2 every rank calls this; rank 0 saves it)."""
+    if hasattr(run.params[0], "device_mesh"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        opt = get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+    else:
+        opt = run.opt.state_dict()
+    return {"step": step, "params": [full(p.detach()).cpu() for p in run.params],
+            "shadows": {k: [full(v).cpu() for v in s.values] for k, s in run.shadows.items()},
+            "opt": opt, "sched": run.sched.state_dict(), "rng": rngs}
 
 
 def load_state(run: Run, state: dict, a, device, world: int) -> int:
@@ -1884,11 +1945,15 @@ def load_state(run: Run, state: dict, a, device, world: int) -> int:
                          f"weights; --feedback {a.feedback} cannot continue it")
     with torch.no_grad():
         for p, v in zip(run.params, state["params"]):
-            p.copy_(v)
+            p.copy_(placed_like(v, p))
         for k, sh in run.shadows.items():
             for v, w in zip(sh.values, state["shadows"][k]):
-                v.copy_(w)
-    run.opt.load_state_dict(state["opt"])
+                v.copy_(placed_like(w, v))
+    if hasattr(run.params[0], "device_mesh"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(run.model, run.opt, state["opt"], options=StateDictOptions(full_state_dict=True))
+    else:
+        run.opt.load_state_dict(state["opt"])
     run.sched.load_state_dict(state["sched"])
     if run.sched.base_lrs[0] != a.lr:  # --allow-change lr: the new rate, on the same schedule
         run.sched.base_lrs = [a.lr] * len(run.sched.base_lrs)

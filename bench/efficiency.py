@@ -3,7 +3,8 @@
     python bench/efficiency.py [--methods hintsd sdpo openclaw grpo sft] [--out runs/efficiency] [-- HINTSD ARGS]
 
 Each method runs `hintsd.py --method M --steps 1 --no-after-check` in its own process (so each peak memory is
-its own), with the same seed, so all of them start from the same weights and sample the same rollouts.
+its own), with the same seed, so all of them start from the same weights and sample the same rollouts (every
+rollout's draws are seeded by (seed, step, task, n)). SFT trains offline on ground-truth replays: no rollouts.
 Arguments after `--` go to every hintsd.py call (say `--model random:DIR --device cuda`); without them the
 defaults apply (CPU: the cpu preset and the embedded model). Prints a markdown table of the step time split
 into rollout, feedback (analyzer / judge / ground-truth replay) and update, the peak memory (CUDA: torch's peak
@@ -46,7 +47,7 @@ def table(rows: dict[str, dict]) -> str:
                    f"{step(r):.1f} | {ratio(step(r), step(ref))} | {r['peak_mem_gb']:.2f} | "
                    f"{ratio(r['peak_mem_gb'], ref['peak_mem_gb'])} | {r['tokens_supervised']} | "
                    f"{ratio(r['tokens_supervised'], ref['tokens_supervised'])} | "
-                   f"{r['rollouts'] - r['failed']}/{r['rollouts']} |")
+                   + (f"{r['rollouts'] - r['failed']}/{r['rollouts']} |" if r["failed"] is not None else "- |"))
     return "\n".join(out)
 
 

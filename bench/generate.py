@@ -1,9 +1,15 @@
-"""Tokens/s of hintsd's hand-written batched KV-cache generator against transformers' model.generate.
+"""Tokens/s of hintsd's generator (static KV cache, per-row lengths, CUDA graphs on a GPU) against transformers'
+model.generate, beside the memory-bandwidth bound.
 
-    python bench/generate.py [--model embedded] [--batches 1 4 8] [--prompt-len 48] [--new 48]
+    python bench/generate.py [--model embedded] [--batches 1 4 8] [--prompt-len 48] [--new 48] [--static]
 
-Greedy decoding, same prompts, same model, in one run, the two sides alternating (best of --reps). Rows are forced to run the full --new tokens
-(no EOS) so both sides do the same work; tokens/s counts new tokens over wall time including prefill.
+Greedy decoding, same prompts, same model, in one run, the sides alternating (best of --reps). Rows run the full
+--new tokens (no EOS) so every side does the same work; tokens/s counts new tokens over wall time, prefill
+included. The bound is the batch-1 decode rate if every step read every weight once at the measured copy
+bandwidth (parameter bytes / (read + write bytes per second of a large tensor copy)); at batch B it is B times
+that, an upper limit of its own. --static adds model.generate with cache_implementation="static" (transformers
+compiles its decode step; the first call is slow). --fp32-check: on a GPU, also run the model in float32 and count
+rows identical to model.generate (bf16 rounding can flip the argmax of near-flat random-init logits).
 """
 import argparse
 import sys
@@ -16,61 +22,104 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hintsd  # noqa: E402
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large tensor copy (the memory system's practical rate)."""
+    n = (2 << 30) if device.type == "cuda" else (256 << 20)
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(2):
+        y.copy_(x)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    sync(device)
+    return 2 * n * 5 / (time.perf_counter() - t)
+
+
 def make_prompts(tok, batch, length):
-    text = "def quicksort(arr):\n    # sort a list of integers and explain every step in a comment\n" * 20
+    text = "def quicksort(arr):\n    # sort a list of integers and explain every step in a comment\n" * 40
     ids = tok(text, add_special_tokens=False).input_ids
     return [ids[i: i + length] for i in range(batch)]  # same length, different content
 
 
-def time_ours(model, tok, prompts, new):
+def time_ours(model, prompts, new, graphs=True):
+    sync(model.device)
     t = time.perf_counter()
-    state = hintsd.new_state(model, len(prompts))
-    logits = hintsd.prefill(model, state, prompts, tok.pad_token_id)
-    out = hintsd.decode(model, tok, state, logits, new, temperature=0.0, stop_ids=())
+    with hintsd.kv_attention_on(model):
+        cache, logits = hintsd.start(model, prompts, new)
+        out = hintsd.decode(model, cache, logits, [0] * len(prompts), new, cuda_graphs=graphs)
+    sync(model.device)
     dt = time.perf_counter() - t
     assert all(len(c.tokens) == new for c in out)
     return len(prompts) * new / dt, [c.tokens for c in out]
 
 
 @torch.no_grad()
-def time_hf(model, tok, prompts, new):
+def time_hf(model, tok, prompts, new, static=False):
     ids = torch.tensor(prompts, device=model.device)
+    kw = {"cache_implementation": "static"} if static else {}
+    sync(model.device)
     t = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                         do_sample=False, pad_token_id=tok.pad_token_id)
-    dt = time.perf_counter() - t
-    return len(prompts) * new / dt, out[:, ids.shape[1]:].tolist()
+                         do_sample=False, pad_token_id=tok.pad_token_id, **kw)
+    sync(model.device)
+    return len(prompts) * new / (time.perf_counter() - t), out[:, ids.shape[1]:].tolist()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, or 'embedded'")
+    ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, random:DIR or 'embedded'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    ap.add_argument("--prompt-len", type=int, default=48)
-    ap.add_argument("--new", type=int, default=48)
-    ap.add_argument("--reps", type=int, default=3, help="alternate the two generators this many times; keep the best")
-    args = ap.parse_args()
-    model, tok = hintsd.load_model(args.model, args.device)
-    time_ours(model, tok, make_prompts(tok, 1, 8), 4)  # warm-up both paths
+    ap.add_argument("--batches", type=hintsd.positive_int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--prompt-len", type=hintsd.positive_int, default=48)
+    ap.add_argument("--new", type=hintsd.positive_int, default=48)
+    ap.add_argument("--reps", type=hintsd.positive_int, default=3, help="alternate the sides this many times")
+    ap.add_argument("--static", action="store_true", help="add model.generate with a static cache")
+    ap.add_argument("--fp32-check", action="store_true", help="GPU: greedy equality in float32 as well")
+    a = ap.parse_args()
+    hintsd.check_device(ap, a.device)
+    hintsd.check_model_name(ap, a.model)
+    model, tok = hintsd.load_model(a.model, a.device)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(model.device)
+    bound = bw / nbytes
+    print(f"parameters {nbytes / 1e9:.2f} GB, copy bandwidth {bw / 1e9:.1f} GB/s, batch-1 bound {bound:.1f} tok/s "
+          f"({1e3 / bound:.2f} ms a step)", flush=True)
+    time_ours(model, make_prompts(tok, 1, 8), 4)  # warm-up both paths
     time_hf(model, tok, make_prompts(tok, 1, 8), 4)
     rows = []
-    for b in args.batches:
-        prompts = make_prompts(tok, b, args.prompt_len)
-        ours = hf = 0.0
-        for _ in range(args.reps):  # interleaved, so background load hits both sides alike
-            o, a = time_ours(model, tok, prompts, args.new)
-            g, h = time_hf(model, tok, prompts, args.new)
-            ours, hf = max(ours, o), max(hf, g)
-        same = sum(x == y for x, y in zip(a, h))
-        rows.append((b, ours, hf, same))
-        print(f"batch {b}: hintsd {ours:6.1f} tok/s   model.generate {hf:6.1f} tok/s   ratio {ours / hf:4.2f}x   "
-              f"identical rows {same}/{b}", flush=True)
-    base = rows[0][1]
-    print("\n| batch | hintsd tok/s | generate tok/s | hintsd / generate | hintsd vs its batch-1 |")
-    print("|---|---|---|---|---|")
-    for b, ours, hf, _ in rows:
-        print(f"| {b} | {ours:.1f} | {hf:.1f} | {ours / hf:.2f}x | {ours / base:.2f}x |")
+    for b in a.batches:
+        prompts = make_prompts(tok, b, a.prompt_len)
+        best = {"hintsd": 0.0, "generate": 0.0, "static": 0.0}
+        for _ in range(a.reps):  # interleaved, so background load hits every side alike
+            o, mine = time_ours(model, prompts, a.new)
+            g, ref = time_hf(model, tok, prompts, a.new)
+            best["hintsd"], best["generate"] = max(best["hintsd"], o), max(best["generate"], g)
+            if a.static:
+                best["static"] = max(best["static"], time_hf(model, tok, prompts, a.new, static=True)[0])
+        same = sum(x == y for x, y in zip(mine, ref))
+        rows.append((b, best, same))
+        print(f"batch {b}: hintsd {best['hintsd']:.1f} tok/s, model.generate {best['generate']:.1f}"
+              + (f", static {best['static']:.1f}" if a.static else "") + f", identical rows {same}/{b}", flush=True)
+    if a.fp32_check and model.device.type == "cuda":
+        model32, _ = hintsd.load_model(a.model, a.device, torch.float32)
+        prompts = make_prompts(tok, max(a.batches), a.prompt_len)
+        same = sum(x == y for x, y in zip(time_ours(model32, prompts, a.new)[1],
+                                          time_hf(model32, tok, prompts, a.new)[1]))
+        print(f"float32: identical rows {same}/{len(prompts)}")
+    print(f"\n| batch | hintsd tok/s | generate tok/s | hintsd / generate |"
+          + (" static tok/s | hintsd / static |" if a.static else "") + " hintsd / bound |")
+    print("|---|---|---|---|" + ("---|---|" if a.static else "") + "---|")
+    for b, r, _ in rows:
+        print(f"| {b} | {r['hintsd']:.1f} | {r['generate']:.1f} | {r['hintsd'] / r['generate']:.2f}x |"
+              + (f" {r['static']:.1f} | {r['hintsd'] / r['static']:.2f}x |" if a.static else "")
+              + f" {100 * r['hintsd'] / (b * bound):.0f}% |")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,16 @@
-"""Time and peak memory of one HINT-SD update against full-trajectory distillation and a naive teacher.
+"""Time and peak memory of one update on fixed failed rollouts: HINT-SD against SDPO and against no prefix sharing.
 
-    python bench/step.py [--model embedded] [--trajs FILE.jsonl] [--k 3]
+    python bench/step.py [--model embedded] [--rollouts 4] [--k 3] [--env-steps 10] [--new 64] [--trajs FILE]
 
-All three run on the same failed rollouts, in one run, each in a fresh subprocess, so each peak figure is its
-own: on CPU the growth of peak RSS over the loaded model, on CUDA torch's peak allocation over the model
-(after one untimed warm-up pass):
-  hintsd  K targets per failed rollout; one student forward truncated after the last target; the teacher
-          runs the shared prefix once and reuses its KV cache for every target.
-  full    SDPO (hintsd.sdpo_targets): the same feedback placed once before the first action; the student is
-          distilled on every action token of the failed rollout.
-  naive   hintsd's targets, but the teacher recomputes the whole prefix for every target.
-Targets are K steps evenly spaced over each failed rollout, so the analyzer's choice does not enter the timing.
-Without --trajs, failed rollouts are sampled first (and saved to runs/bench-step/trajs.jsonl).
+All rows run on the same failed rollouts (the n rollouts of one task), each in a fresh subprocess so each peak is
+its own: on CPU the growth of peak RSS over the loaded model, on CUDA torch's peak allocation over the model (after
+one untimed warm-up update):
+  hintsd    K targets per failed rollout, evenly spread over its steps; the student's and the teacher's sequences
+            packed into prefix trees (the shared prompt and shared rollout prefixes run once)
+  sdpo      the same feedback once before the first action; every action token of the failed rollouts distilled
+  unpacked  hintsd's targets, one forward per sequence (no shared prefix: --pack-tokens 0)
+Without --trajs, rollouts are sampled first and saved (runs/bench-step/trajs.jsonl); a rollout that succeeded is
+dropped. The JSONL holds trajectories as hintsd.py's rollouts.jsonl does.
 """
 import argparse
 import json
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import envs  # noqa: E402
 import hintsd  # noqa: E402
 
 FEEDBACK = "You should check the current directory contents with ls before acting on a file."
@@ -33,27 +33,23 @@ def spread_steps(n: int, k: int) -> list[int]:
     return sorted({min(n - 1, round((i + 1) * n / (k + 1))) for i in range(k)})
 
 
-def run_one(args):
-    """Child process: load the model, time one update of the given method, print a JSON line."""
-    model, tok = hintsd.load_model(args.model, args.device)
-    params = hintsd.trainable_params(model, 32, 64)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+def run_one(a):
+    """Child process: load the model, time one update of one method on the saved rollouts, print a JSON line."""
+    model, tok = hintsd.load_model(a.model, a.device)
+    params = hintsd.trainable_params(model, 32, 64, 0.0, a.lora_targets)
     teacher = hintsd.Shadow(params)
-    trajs = [hintsd.Trajectory.from_json(json.loads(x)) for x in open(args.trajs)]
-    trajs = [t for t in trajs if t.reward < 1.0 and len(t.steps) >= 2]
-    spread = [hintsd.Target(i, j, FEEDBACK) for i, t in enumerate(trajs) for j in spread_steps(len(t.steps), args.k)]
-    # full = SDPO: the feedback once before the first action, every action token distilled
+    trajs = [hintsd.Trajectory.from_json(json.loads(x)) for x in open(a.trajs)]
+    spread = [hintsd.Target(i, j, FEEDBACK) for i, t in enumerate(trajs) for j in spread_steps(len(t.steps), a.k)]
     once = [hintsd.Target(i, 0, FEEDBACK) for i in range(len(trajs))]
-    targets = hintsd.sdpo_targets(trajs, once) if args.method == "full" else spread
+    sig = hintsd.Signal(hintsd.sdpo_targets(trajs, once) if a.method == "sdpo" else spread)
+    cfg = hintsd.LossConfig(topk=a.topk, norm="task", pack_tokens=0 if a.method == "unpacked" else a.pack_tokens,
+                            grad_ckpt=a.grad_ckpt)
+    groups = [list(range(len(trajs)))]  # one task
+    total = hintsd.token_totals(trajs, groups, sig, tok, 1 << 30)
 
     def update():
-        st = hintsd.new_stats()
-        hintsd.distill(model, tok, trajs, targets, teacher, 1 << 30, None, st, reuse_prefix=args.method != "naive")
-        return st["tokens"]
-
+        return hintsd.update(model, tok, trajs, groups, sig, teacher, cfg, 1 << 30, 1, total)
     cuda = model.device.type == "cuda"
-    if args.teacher_only:
-        update = lambda: 0  # noqa: E731
     if cuda:  # one untimed pass: CUDA context, cuBLAS handles and kernel selection are paid before timing
         update()
         torch.cuda.synchronize()
@@ -62,37 +58,24 @@ def run_one(args):
     for p in params:
         p.grad = None
     t0 = time.perf_counter()
-    tokens = update()
+    sums = update()
     if cuda:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    peak = hintsd.peak_memory_gb(model.device) - base
-    teacher_s = None
-    if args.method != "full":  # the teacher part alone: prefix reuse (hintsd) against recomputation (naive)
-        fb = hintsd.feedback_ids(tok, FEEDBACK)
-        t0 = time.perf_counter()
-        with teacher:
-            for t in trajs:
-                steps = [t.steps[j] for j in spread_steps(len(t.steps), args.k)]
-                hintsd.teacher_logits(model, t, steps, [fb] * len(steps), reuse_prefix=args.method == "hintsd")
-        if cuda:
-            torch.cuda.synchronize()
-        teacher_s = time.perf_counter() - t0
-    print(json.dumps({"method": args.method, "seconds": dt, "teacher_seconds": teacher_s, "tokens": tokens,
-                      "trajectories": len(trajs), "peak_gb": peak}))
+    print(json.dumps({"method": a.method, "seconds": time.perf_counter() - t0, "tokens": sums.kl_tokens,
+                      "trajectories": len(trajs), "peak_gb": hintsd.peak_memory_gb(model.device) - base}))
 
 
-def sample_failed(args):
-    import envs
-    model, tok = hintsd.load_model(args.model, args.device)
-    cfg = hintsd.SamplingConfig(max_new_tokens=args.new, temperature=0.6, max_len=24576)
-    gen = torch.Generator(device=model.device).manual_seed(0)
-    task = next(t for t in envs.load_tasks("bfcl", "train") if args.task in (None, t["id"]))
-    trajs = hintsd.rollout(model, tok, [envs.make_env(task, max_steps=args.env_steps) for _ in range(2)], cfg, gen)
-    Path(args.trajs).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.trajs, "w") as f:
+def sample_failed(a):
+    model, tok = hintsd.load_model(a.model, a.device)
+    cfg = hintsd.SamplingConfig(max_new_tokens=a.new, temperature=0.6, max_len=24576)
+    task = next(t for t in envs.load_tasks("bfcl", "train") if a.task in (None, t["id"]))
+    envs_ = [envs.make_env(task, "json", a.env_steps, a.protocol) for _ in range(a.rollouts)]
+    trajs = hintsd.rollout(model, tok, envs_, cfg, [hintsd.seed_of(0, task["id"], r) for r in range(a.rollouts)])
+    Path(a.trajs).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.trajs, "w") as f:
         for t in trajs:
-            f.write(json.dumps(t.to_json()) + "\n")
+            if t.reward < 1.0 and len(t.steps) >= 2:
+                f.write(json.dumps(t.to_json()) + "\n")
 
 
 def main():
@@ -100,41 +83,48 @@ def main():
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--trajs", default="runs/bench-step/trajs.jsonl", help="failed rollouts (JSONL of trajectories)")
-    ap.add_argument("--k", type=int, default=3, help="targets per failed rollout (HINT-SD Multi: 3)")
-    ap.add_argument("--new", type=int, default=64, help="max new tokens per action when sampling rollouts")
-    ap.add_argument("--env-steps", type=int, default=10, help="max assistant steps when sampling rollouts")
-    ap.add_argument("--task", default=None, help="BFCL task id to sample rollouts of (default: the first train task)")
-    ap.add_argument("--teacher-only", action="store_true",
-                    help="time only the teacher of hintsd (prefix reuse) against naive recomputation")
-    ap.add_argument("--method", choices=["hintsd", "full", "naive"], help=argparse.SUPPRESS)  # child mode
-    args = ap.parse_args()
-    if args.method:
-        return run_one(args)
-    if not Path(args.trajs).exists():
-        sample_failed(args)
-    trajs = [json.loads(x) for x in open(args.trajs)]
-    print(f"{len(trajs)} rollouts, lengths {[len(t['tokens']) for t in trajs]} tokens, "
-          f"steps {[len(t['steps']) for t in trajs]}, rewards {[t['reward'] for t in trajs]}", flush=True)
+    ap.add_argument("--rollouts", type=hintsd.positive_int, default=4, help="rollouts of the task when sampling")
+    ap.add_argument("--k", type=hintsd.positive_int, default=3, help="targets per failed rollout (Multi: 3)")
+    ap.add_argument("--new", type=hintsd.positive_int, default=64, help="max new tokens per action when sampling")
+    ap.add_argument("--env-steps", type=hintsd.positive_int, default=10, help="max assistant steps when sampling")
+    ap.add_argument("--task", default=None, help="BFCL train task id to sample (default: the first train task)")
+    ap.add_argument("--protocol", default="authors", choices=envs.ACTION_PROTOCOLS)
+    ap.add_argument("--topk", type=hintsd.topk_value, default=100, help="the loss's top-k (paper: 100), or exact")
+    ap.add_argument("--pack-tokens", type=hintsd.nonneg_int, default=16384)
+    ap.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
+    ap.add_argument("--methods", nargs="+", default=["hintsd", "sdpo", "unpacked"],
+                    choices=["hintsd", "sdpo", "unpacked"])
+    ap.add_argument("--method", choices=["hintsd", "sdpo", "unpacked"], help=argparse.SUPPRESS)  # child mode
+    a = ap.parse_args()
+    hintsd.check_device(ap, a.device)
+    if a.method:
+        return run_one(a)
+    hintsd.check_model_name(ap, a.model)
+    if not Path(a.trajs).exists():
+        sample_failed(a)
+    trajs = [json.loads(x) for x in open(a.trajs)]
+    if not trajs:
+        raise SystemExit(f"{a.trajs}: no failed rollout with 2+ steps to update on")
+    print(f"{len(trajs)} failed rollouts, lengths {[len(t['tokens']) for t in trajs]} tokens, "
+          f"steps {[len(t['steps']) for t in trajs]}", flush=True)
     res = {}
-    for m in ("hintsd", "naive") if args.teacher_only else ("hintsd", "full", "naive"):
-        cmd = [sys.executable, __file__, "--method", m, "--model", args.model, "--device", args.device,
-               "--trajs", args.trajs, "--k", str(args.k)] + ["--teacher-only"] * args.teacher_only
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        res[m] = json.loads(out)
-        print(out, flush=True)
-    h = res["hintsd"]
-    if args.teacher_only:
-        print(f"teacher with prefix reuse {h['teacher_seconds']:.1f} s, naive {res['naive']['teacher_seconds']:.1f} s: "
-              f"{res['naive']['teacher_seconds'] / h['teacher_seconds']:.2f}x faster")
-        return
-    print("\n| method | update s | teacher s | peak GB | tokens supervised | time / hintsd | memory / hintsd |")
-    print("|---|---|---|---|---|---|---|")
+    for m in a.methods:
+        cmd = [sys.executable, __file__, "--method", m, "--model", a.model, "--device", a.device, "--trajs", a.trajs,
+               "--k", str(a.k), "--topk", str(a.topk or "exact"), "--pack-tokens", str(a.pack_tokens),
+               "--grad-ckpt", a.grad_ckpt, "--lora-targets", *a.lora_targets]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"[step] {m} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        res[m] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(res[m]), flush=True)
+    ref = res.get("hintsd") or next(iter(res.values()))
+    print("\n| method | update s | peak GB | tokens supervised | time / hintsd | memory / hintsd |")
+    print("|---|---|---|---|---|---|")
     for m, r in res.items():
-        teacher = f"{r['teacher_seconds']:.2f}" if r.get("teacher_seconds") is not None else "-"
-        print(f"| {m} | {r['seconds']:.1f} | {teacher} | {r['peak_gb']:.2f} | {r['tokens']} | "
-              f"{r['seconds'] / h['seconds']:.2f}x | {r['peak_gb'] / max(h['peak_gb'], 1e-9):.2f}x |")
-    print(f"\nteacher with prefix reuse vs naive recomputation: "
-          f"{res['naive']['teacher_seconds'] / h['teacher_seconds']:.2f}x faster")
+        print(f"| {m} | {r['seconds']:.2f} | {r['peak_gb']:.2f} | {r['tokens']} | {r['seconds'] / ref['seconds']:.2f}x "
+              f"| {r['peak_gb'] / max(ref['peak_gb'], 1e-9):.2f}x |")
 
 
 if __name__ == "__main__":
