@@ -1308,7 +1308,7 @@ PRESETS = {
                   temperature=0.6, analyzer_temperature=0.6, analyzer_top_p=0.95, analyzer_tokens=512,
                   analyzer_prompt="authors", analyzer_parser="strict", max_len=24576, max_env_steps=None, seed=42,
                   ema_rate=0.999, action_protocol="authors", after_check=False),
-    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=2, turns=None,
+    "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=None, turns=None,
                 lr=1e-5, lr_schedule="constant", lora_rank=32, lora_alpha=64.0, lora_dropout=0.0,
                 lora_targets=list(LORA_ALL), topk=None, loss_norm="token", max_new_tokens=96,
                 temperature=0.6, analyzer_temperature=0.0, analyzer_top_p=1.0, analyzer_tokens=128,
