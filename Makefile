@@ -17,8 +17,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --no-deps $(BFCL)
 	touch $@
 
+# each `make run` is a new run dir (a run never writes into another's: hintsd.py refuses a non-empty --out)
 run: setup
-	$(PY) hintsd.py --bench bfcl
+	$(PY) hintsd.py --bench bfcl --out runs/hintsd-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exits 5 when it collects no test; that is a failure here too (with a message), so CI never passes empty.
 test: setup setup-appworld

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=4 hintsd.py ...         # data parallel: each rank plays its share of the tasks
 
 Reading order:
-  1. generation      KVCache (a length per row), kv_attention, prefill / decode_one_token / sample / decode
+  1. generation      KVCache (a length per row), kv_attention, prefill / decode_one_token / sample / decode_n_tokens
   2. rollouts        rollout(): the policy plays environments, keeping its exact token ids
   3. the losses      reverse_kl_loss(): KL(student || teacher) on the targeted tokens; clipped_pg_loss()
   4. LoRA, EMA       LoRALinear, add_lora, Shadow (a second set of adapter values: the EMA teacher)
@@ -18,7 +18,6 @@ Reading order:
  10. models          load_model(); the embedded default model
 """
 import argparse
-import atexit
 import hashlib
 import importlib
 import json
@@ -29,7 +28,6 @@ import shutil
 import socket
 import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -276,7 +274,7 @@ class Completion:
 
 
 @torch.no_grad()
-def decode(model, cache: KVCache, logits: torch.Tensor, seeds: list[int], max_new_tokens: int,
+def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int], max_new_tokens: int,
            temperature: float = 0.0, top_p: float = 1.0, stop_ids=(), active: torch.Tensor | None = None,
            cuda_graphs: bool = True, progress=None) -> list[Completion]:
     """Sample continuations of the cache's rows until each samples a stop id. Each sampled token also goes into
@@ -351,8 +349,9 @@ def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128
     model.eval()
     with kv_attention_on(model):
         cache, logits = start(model, prompt_ids_, max_new_tokens)
-        return decode(model, cache, logits, [seed_of(seed, b) for b in range(len(prompt_ids_))], max_new_tokens,
-                      temperature, top_p, eos_ids(tok, model), cuda_graphs=cuda_graphs)
+        seeds = [seed_of(seed, b) for b in range(len(prompt_ids_))]
+        return decode_n_tokens(model, cache, logits, seeds, max_new_tokens, temperature, top_p, eos_ids(tok, model),
+                               cuda_graphs=cuda_graphs)
 
 
 # ----------------------------------------------------------------------------- 2. rollouts
@@ -399,7 +398,8 @@ def render(tok, messages: list[dict], tools, gen_prompt: bool) -> tuple[str, lis
     """The chat template's text with each message content replaced by a sentinel, and the contents."""
     contents = [clean(m.get("content") or "").replace("\ue000", "").replace("\ue001", "") for m in messages]
     marked = [{**m, "content": SENTINEL.format(i)} for i, m in enumerate(messages)]
-    return tok.apply_chat_template(marked, tools=tools or None, tokenize=False, add_generation_prompt=gen_prompt), contents
+    text = tok.apply_chat_template(marked, tools=tools or None, tokenize=False, add_generation_prompt=gen_prompt)
+    return text, contents
 
 
 def encode_rendered(tok, text: str, contents: list[str]) -> list[int]:
@@ -440,7 +440,8 @@ def continuation_ids(tok, messages: list[dict], new: list[dict], tools, end_text
 def feedback_ids(tok, text: str) -> list[int]:
     """Token ids of the one user message that carries feedback, as the chat template renders it."""
     ctx = [{"role": "system", "content": "-"}, {"role": "user", "content": "-"}]
-    (a, _), (b, contents) = render(tok, ctx, None, False), render(tok, ctx + [prompts.feedback_message(text)], None, False)
+    (a, _), (b, contents) = render(tok, ctx, None, False), render(tok, ctx + [prompts.feedback_message(text)], None,
+                                                                  False)
     assert b.startswith(a)
     return encode_rendered(tok, b[len(a):], contents)
 
@@ -528,8 +529,9 @@ def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], prog
             cache, logits = start(model, [ep.traj.tokens + ep.pending for ep in rows], cfg.max_new_tokens)
             while any(rows):
                 active = torch.tensor([ep is not None for ep in rows], device=model.device)
-                outs = decode(model, cache, logits, [seed_of(ep.seed, len(ep.traj.steps)) if ep else 0 for ep in rows],
-                              cfg.max_new_tokens, cfg.temperature, cfg.top_p, stops, active, cfg.cuda_graphs, progress)
+                seeds = [seed_of(ep.seed, len(ep.traj.steps)) if ep else 0 for ep in rows]  # per row and action
+                outs = decode_n_tokens(model, cache, logits, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                       stops, active, cfg.cuda_graphs, progress)
                 rows = [ep if ep and play(tok, ep, c.tokens, c.logprobs, cfg, stops) else None
                         for ep, c in zip(rows, outs)]
                 live = [r for r, ep in enumerate(rows) if ep]
@@ -1140,23 +1142,37 @@ def token_totals(trajs, groups, sig, tok, max_len) -> list[int]:
     return [sum(map(len, rows)), pg, ce]
 
 
-def update(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: int, n_tasks: int, total: list[int],
-           backward: bool = True, teacher_cache: dict | None = None) -> Sums:
-    """The step's loss, one task at a time (one backward per task; gradients accumulate). groups: the trajectory
-    indices of each task this rank holds. Without backward it only measures (the after-check)."""
-    sums = Sums()
-    model.train()  # LoRA dropout (and activation checkpointing) act in train mode; the model has no other dropout
+def task_losses(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: int, n_tasks: int,
+                total: list[int], teacher_cache: dict | None = None):
+    """The step's loss, one task at a time: yields (weighted loss or None, what it measured) per task of this rank
+    (groups: the trajectory indices of each). The caller calls backward() on each loss (gradients accumulate), or
+    only reads the numbers (the after-check, under no_grad). The model is in train mode meanwhile: LoRA dropout
+    and activation checkpointing act only there (the model has no other dropout)."""
+    model.train()
     try:
         for idx, w in zip(tqdm(groups, desc="  update", leave=False),
                           loss_weights(trajs, groups, sig, tok, max_len, cfg.norm, n_tasks, total)):
-            with nullcontext() if backward else torch.no_grad():
-                loss, s = task_loss(model, tok, trajs, idx, sig, teacher, cfg, max_len, w, teacher_cache)
-            if backward and loss is not None and loss.requires_grad:
-                loss.backward()
-            sums = sums + s
+            yield task_loss(model, tok, trajs, idx, sig, teacher, cfg, max_len, w, teacher_cache)
     finally:
         model.eval()
+
+
+def update(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: int, n_tasks: int, total: list[int],
+           teacher_cache: dict | None = None) -> Sums:
+    """Backward through the step's loss, task by task; returns what it measured."""
+    sums = Sums()
+    for loss, s in task_losses(model, tok, trajs, groups, sig, teacher, cfg, max_len, n_tasks, total, teacher_cache):
+        if loss is not None and loss.requires_grad:
+            loss.backward()
+        sums = sums + s
     return sums
+
+
+def measure(model, tok, trajs, groups, sig, cfg: LossConfig, max_len: int, teacher_cache: dict) -> Sums:
+    """The same losses again without gradients (the after-check: the teacher's logits come from the cache)."""
+    with torch.no_grad():
+        return sum((s for _, s in task_losses(model, tok, trajs, groups, sig, None, cfg, max_len, 1, [0, 0, 0],
+                                              teacher_cache)), Sums())
 
 
 # ----------------------------------------------------------------------------- 7. checkpoints
@@ -1324,50 +1340,24 @@ RESUMABLE = {"steps", "epochs", "out", "resume", "allow_change", "merge", "print
              "cuda_graphs", "grad_ckpt", "pack_tokens", "analyzer_timeout"}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    v = nonneg_int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def number(cast, low=None, strict=False):
+    """An argparse type: cast (int or float), finite, and >= low (> low when strict)."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if cast is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if low is not None and (v <= low if strict else v < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {v}")
+        return v
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    """argparse type: an int >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite float (no nan / inf)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return v
-
-
-def nonneg_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    v = finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    v = finite_float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
+positive_int, nonneg_int = number(int, 1), number(int, 0)
+finite_float, nonneg_float, positive_float = number(float), number(float, 0.0), number(float, 0.0, strict=True)
 
 
 def topk_value(text: str) -> int | None:
@@ -1421,10 +1411,19 @@ def check_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") ->
     return path
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; 'preset' for the settings that --preset fills."""
+
+    def _get_help_string(self, action):
+        if action.dest in PRESETS["paper"]:
+            return (action.help or "") + " (default: preset)"
+        return super()._get_help_string(action) if action.default not in (None, [], False) else action.help
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset; "
+                    "--print-config shows them resolved.", formatter_class=HelpFormatter)
     g = ap.add_argument_group("run")
     g.add_argument("--bench", default="bfcl", choices=envs.BENCHES,
                    help="appworld needs `make setup-appworld`; without its data it runs on built-in offline tasks")
@@ -1439,7 +1438,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-change", nargs="+", default=[], metavar="SETTING",
                    help="with --resume: settings that may differ from the checkpoint's (e.g. lr)")
     g.add_argument("--merge", action="store_true", help="after training, write a merged HF model to OUT/merged")
-    g.add_argument("--seed", type=nonneg_int)
+    g.add_argument("--seed", type=nonneg_int, help="LoRA init, task order and every rollout's sampling seed")
     g.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     g = ap.add_argument_group("method")
     g.add_argument("--method", default="hintsd", choices=METHODS,
@@ -1521,64 +1520,64 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """The resolved settings: flags, then the preset; every value checked before any model work (exit 2)."""
     ap = build_parser()
-    a = ap.parse_args(argv)
-    check_device(ap, a.device)
-    name = a.preset if a.preset != "auto" else ("cpu" if a.device == "cpu" else "paper")
-    a.preset = name
+    args = ap.parse_args(argv)
+    check_device(ap, args.device)
+    name = args.preset if args.preset != "auto" else ("cpu" if args.device == "cpu" else "paper")
+    args.preset = name
     for key, val in PRESETS[name].items():
-        if getattr(a, key) is None:
-            setattr(a, key, val)
-    if name == "cpu" and a.tasks is None:
-        a.tasks = CPU_TASKS.get(a.bench)
-    if a.lora_targets == ["all"]:
-        a.lora_targets = list(LORA_ALL)
-    if set(a.lora_targets) - set(LORA_ALL):
-        ap.error(f"--lora-targets: unknown projection(s) {sorted(set(a.lora_targets) - set(LORA_ALL))}; choose from "
-                 f"{', '.join(LORA_ALL)} or 'all'")
-    if not 0 <= a.ema_rate <= 1:
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    if name == "cpu" and args.tasks is None:
+        args.tasks = CPU_TASKS.get(args.bench)
+    if args.lora_targets == ["all"]:
+        args.lora_targets = list(LORA_ALL)
+    if set(args.lora_targets) - set(LORA_ALL):
+        unknown = sorted(set(args.lora_targets) - set(LORA_ALL))
+        ap.error(f"--lora-targets: unknown projection(s) {unknown}; choose from {', '.join(LORA_ALL)} or 'all'")
+    if not 0 <= args.ema_rate <= 1:
         ap.error("--ema-rate must be in [0, 1] (0.999 keeps 99.9% of the teacher per step)")
-    if not 0 <= a.lora_dropout < 1:
+    if not 0 <= args.lora_dropout < 1:
         ap.error("--lora-dropout must be in [0, 1)")
-    if a.analyzer_top_p > 1:
+    if args.analyzer_top_p > 1:
         ap.error("--analyzer-top-p must be in (0, 1]")
-    if a.method == "openclaw" and a.feedback not in ("ema", "policy", "initial"):
+    if args.method == "openclaw" and args.feedback not in ("ema", "policy", "initial"):
         ap.error("--method openclaw: the judge is the policy; use --feedback ema, policy or initial")
-    if a.feedback == "oracle" and a.bench != "bfcl":
+    if args.feedback == "oracle" and args.bench != "bfcl":
         ap.error("--feedback oracle needs BFCL ground truth; use it with --bench bfcl")
-    if a.feedback == "external" and not a.analyzer_model:
+    if args.feedback == "external" and not args.analyzer_model:
         ap.error("--feedback external needs --analyzer-model (a model, or the endpoint's model name with "
                  "--analyzer-url)")
-    if a.turns and a.bench != "bfcl":
+    if args.turns and args.bench != "bfcl":
         ap.error("--turns applies to BFCL only")
-    if a.action_format == "python" and a.action_protocol != "friendly":
+    if args.action_format == "python" and args.action_protocol != "friendly":
         ap.error("--action-format python needs --action-protocol friendly")
-    if a.sft_data and not Path(a.sft_data).is_file():
-        ap.error(f"--sft-data {a.sft_data}: no such file")
-    if not a.print_config:
-        check_model_name(ap, a.model)
-        check_run_dir(ap, a)
-    return a
+    if args.sft_data and not Path(args.sft_data).is_file():
+        ap.error(f"--sft-data {args.sft_data}: no such file")
+    if not args.print_config:
+        check_model_name(ap, args.model)
+        check_run_dir(ap, args)
+    return args
 
 
-def check_run_dir(ap: argparse.ArgumentParser, a) -> None:
+def check_run_dir(ap: argparse.ArgumentParser, args) -> None:
     """A new run needs an empty (or new) --out; --resume needs a checkpoint there. Nothing is ever overwritten."""
-    if a.resume and not Path(a.out).is_dir():
-        ap.error(f"--resume: {a.out} is not a run directory")
-    out = check_out_dir(ap, a.out)
+    if args.resume and not Path(args.out).is_dir():
+        ap.error(f"--resume: {args.out} is not a run directory")
+    out = check_out_dir(ap, args.out)
     if (out / "LOCK").exists() and lock_holder(out / "LOCK"):
         ap.error(f"{out} is in use by another run ({lock_holder(out / 'LOCK')}); wait for it or use another --out")
     ours = [p for p in out.iterdir() if p.name != "LOCK" and not p.name.startswith((".write-test-", ".LOCK.tmp-"))]
-    if a.resume and not any(re.fullmatch(r"ckpt-\d+", p.name) for p in ours):
+    if args.resume and not any(re.fullmatch(r"ckpt-\d+", p.name) for p in ours):
         ap.error(f"--resume: no checkpoint in {out}")
-    if not a.resume and ours:
+    if not args.resume and ours:
         ap.error(f"--out {out} is not empty: add --resume to continue that run, or choose a new directory")
 
 
-def settings_of(a: argparse.Namespace) -> dict:
+def settings_of(args: argparse.Namespace) -> dict:
     """Every setting of the run, as saved in checkpoints and printed by --print-config."""
-    d = vars(a).copy()
-    d["action_protocol"] = a.action_protocol if a.bench == "bfcl" else "appworld-code"
-    d["max_env_steps"] = a.max_env_steps or (20 if a.bench == "bfcl" else envs.APPWORLD_MAX_STEPS)
+    d = vars(args).copy()
+    d["action_protocol"] = args.action_protocol if args.bench == "bfcl" else "appworld-code"
+    d["max_env_steps"] = args.max_env_steps or (20 if args.bench == "bfcl" else envs.APPWORLD_MAX_STEPS)
     return d
 
 
@@ -1641,58 +1640,82 @@ def all_sum(values: list[float], ddp: bool) -> list[float]:
     return t.tolist()
 
 
-def train_step(run: Run, a, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
+@dataclass(frozen=True)
+class StepConfig:
+    """What a training step needs to know, from the resolved settings."""
+    method: str
+    variant: str
+    bench: str
+    rollouts: int
+    tasks_per_step: int
+    action_format: str
+    action_protocol: str
+    max_env_steps: int | None
+    teacher: str
+    ema_rate: float
+    after_check: bool
+    seed: int
+    full_finetune: bool
+    sampling: SamplingConfig
+    analyzer: AnalyzerConfig
+    loss: LossConfig
+
+
+def step_config(args) -> StepConfig:
+    return StepConfig(
+        args.method, args.variant, args.bench, args.rollouts, args.tasks_per_step, args.action_format,
+        args.action_protocol, args.max_env_steps, args.teacher, args.ema_rate, args.after_check, args.seed,
+        args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
+        AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
+                       args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
+                       args.analyzer_timeout),
+        LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
+
+
+def train_step(run: Run, c: StepConfig, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
                ) -> tuple[dict, list[dict], list[str]]:
     """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA.
     batch: this rank's (index in the step, task) pairs (sft: demonstrations). Returns the metrics row (summed
     over ranks), this rank's rollouts with their targets, and the raw analyzer / judge answers."""
-    model, tok = run.model, run.tok
-    fsdp = ddp and a.lora_rank == 0
+    model, tok, max_len, fsdp = run.model, run.tok, c.sampling.max_len, ddp and c.full_finetune
     if fsdp:  # ranks play different episodes, so no collective may run until the one synced backward at the end
         hold_whole(model, True)
     t0 = time.time()
     # rollouts: n per task, all tasks of this rank in one batch; each rollout's draws seeded by (step, task, n)
-    cfg = SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len, a.cuda_graphs)
-    if a.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
-        trajs = [demo for _, demo in batch]
-        groups = [[i] for i in range(len(trajs))]
+    if c.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
+        trajs, groups = [demo for _, demo in batch], [[i] for i in range(len(batch))]
     else:
-        make = lambda task: envs.make_env(task, a.action_format, a.max_env_steps, a.action_protocol)  # noqa: E731
+        make = lambda task: envs.make_env(task, c.action_format, c.max_env_steps, c.action_protocol)  # noqa: E731
         with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
-            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(a.rollouts)], cfg,
-                            [seed_of(a.seed, step, j, r) for j, _ in batch for r in range(a.rollouts)], bar)
-        groups = [list(range(g * a.rollouts, (g + 1) * a.rollouts)) for g in range(len(batch))]
+            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(c.rollouts)], c.sampling,
+                            [seed_of(c.seed, step, j, r) for j, _ in batch for r in range(c.rollouts)], bar)
+        groups = [list(range(g * c.rollouts, (g + 1) * c.rollouts)) for g in range(len(batch))]
     t1 = time.time()
     # the learning signal
-    sig, answers, failures = Signal(ce=a.method == "sft"), [], 0
-    analyzer = AnalyzerConfig(a.feedback, a.analyzer_prompt, a.analyzer_parser, a.analyzer_tokens,
-                              a.analyzer_temperature, a.analyzer_top_p, a.analyzer_model, a.analyzer_url,
-                              a.analyzer_timeout)
-    if a.method in ("hintsd", "sdpo"):
-        h = select_targets(model, tok, trajs, analyzer, a.variant, a.bench, run.shadows, tasks_by_id, a.action_format,
-                           a.action_protocol, seed_of(a.seed, step, "analysis", batch[0][0] if batch else 0),
-                           run.external)
-        sig.targets = h.targets if a.method == "hintsd" else sdpo_targets(trajs, h.targets)
+    sig, answers, failures = Signal(ce=c.method == "sft"), [], 0
+    if c.method in ("hintsd", "sdpo"):
+        h = select_targets(model, tok, trajs, c.analyzer, c.variant, c.bench, run.shadows, tasks_by_id,
+                           c.action_format, c.action_protocol, seed_of(c.seed, step, "analysis"), run.external)
+        sig.targets = h.targets if c.method == "hintsd" else sdpo_targets(trajs, h.targets)
         answers, failures = h.answers, h.parse_failures
-    elif a.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
-        with run.shadows.get(a.feedback) or nullcontext():
-            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, a.analyzer_tokens,
-                                                                         seed_of(a.seed, step, "judge"))
-    elif a.method == "grpo":
-        adv = group_advantages([t.reward for t in trajs], a.rollouts)
+    elif c.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
+        with run.shadows.get(c.analyzer.source) or nullcontext():
+            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, c.analyzer.tokens,
+                                                                         seed_of(c.seed, step, "judge"))
+    elif c.method == "grpo":
+        adv = group_advantages([t.reward for t in trajs], c.rollouts)
         sig.advantages = [[x] * len(t.steps) for x, t in zip(adv, trajs)]
     t2 = time.time()
     # the update: gradients of the step's loss (normalised over every rank's tokens), then AdamW and the EMA
     # (also on a step without targets, as the authors' trainer does: zero gradients still move Adam's moments)
-    loss_cfg = LossConfig(a.topk, a.loss_norm, a.pack_tokens, a.grad_ckpt)
-    teacher = run.shadows["ema"] if a.teacher == "ema" else None
-    total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, a.max_len), ddp)]
+    teacher = run.shadows["ema"] if c.teacher == "ema" else None
+    total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, max_len), ddp)]
     for p in run.params:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-    cache = {} if a.after_check else None
+    cache = {} if c.after_check else None
     if fsdp:  # gradients accumulate locally; one zero-loss backward on every rank reduce-scatters them
         model.set_requires_gradient_sync(False)
-    sums = update(model, tok, trajs, groups, sig, teacher, loss_cfg, a.max_len, a.tasks_per_step, total, True, cache)
+    sums = update(model, tok, trajs, groups, sig, teacher, c.loss, max_len, c.tasks_per_step, total, cache)
     if fsdp:
         model.set_requires_gradient_sync(True)
         hold_whole(model, False)
@@ -1703,27 +1726,27 @@ def train_step(run: Run, a, step: int, batch: list[tuple[int, dict]], tasks_by_i
         for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
             p.grad.copy_(g.view_as(p))
     lr = run.opt.param_groups[0]["lr"]  # the rate this step uses
-    if a.method != "initial":
+    if c.method != "initial":
         torch.nn.utils.clip_grad_norm_(run.params, 1.0)
         run.opt.step()
         run.sched.step()
-        run.shadows["ema"].ema_update(a.ema_rate)
-    after = None
-    if a.after_check and (sums.kl_tokens or sums.ce_tokens):  # the same targets (and teacher logits), again
-        after = update(model, tok, trajs, groups, sig, None, loss_cfg, a.max_len, a.tasks_per_step, total, False, cache)
+        run.shadows["ema"].ema_update(c.ema_rate)
+    after = measure(model, tok, trajs, groups, sig, c.loss, max_len, cache) if cache is not None and (
+        sums.kl_tokens or sums.ce_tokens) else None  # the same targets (and teacher logits), after the update
     t3 = time.time()
-    row = metrics_row(a, trajs, sig, sums, after, failures, (t1 - t0, t2 - t1, t3 - t2), run.model.device, ddp, lr)
-    owner = [j for j, _ in batch for _ in range(a.rollouts)]
-    records = [] if a.method == "sft" else [
+    row = metrics_row(c.method, trajs, sig, sums, after, failures, (t1 - t0, t2 - t1, t3 - t2), model.device, ddp,
+                      lr)
+    owner = [j for j, _ in batch for _ in range(c.rollouts)]
+    records = [] if c.method == "sft" else [
         {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
                                                      for tg in sig.targets if tg.traj == i]}
         for i, (t, j) in enumerate(zip(trajs, owner))]
     return row, records, answers
 
 
-def metrics_row(a, trajs, sig, sums: Sums, after: Sums | None, failures: int, times, device, ddp, lr) -> dict:
+def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: int, times, device, ddp, lr) -> dict:
     """The step's metrics, summed over ranks (times and peak memory: the slowest / largest rank)."""
-    sft = a.method == "sft"
+    sft = method == "sft"
     counts = [sum(t.reward for t in trajs), len(trajs), sum(t.status == "overflow" for t in trajs), len(sig.targets),
               failures, *asdict(sums).values(), *(asdict(after).values() if after else [0] * 8)]
     counts = all_sum(counts, ddp)
@@ -1733,12 +1756,12 @@ def metrics_row(a, trajs, sig, sums: Sums, after: Sums | None, failures: int, ti
         t = torch.tensor(slow, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         slow = t.tolist()
-    row = {"method": a.method, "success_rate": None if sft else succ / max(n, 1), "rollouts": int(n),
+    row = {"method": method, "success_rate": None if sft else succ / max(n, 1), "rollouts": int(n),
            "failed": None if sft else int(n - succ), "overflow_rollouts": int(overflow), "targets": int(n_targets),
            "parse_failures": int(failures), "skipped_overflow": int(s.skipped), "lr": lr,
            "tokens_supervised": int(s.kl_tokens + s.pg_tokens + s.ce_tokens),
            "time_rollout": slow[0], "time_feedback": slow[1], "time_update": slow[2], "peak_mem_gb": slow[3]}
-    if a.method in DISTILL_METHODS:
+    if method in DISTILL_METHODS:
         row.update(kl=s.kl / max(s.kl_tokens, 1), teacher_top1_logp=s.top1 / max(s.kl_tokens, 1))
         if after and aft.kl_tokens:
             row.update(kl_after=aft.kl / aft.kl_tokens, teacher_top1_logp_after=aft.top1 / aft.kl_tokens)
@@ -1748,10 +1771,10 @@ def metrics_row(a, trajs, sig, sums: Sums, after: Sums | None, failures: int, ti
         row["ce"] = s.ce / max(s.ce_tokens, 1)
         if after and aft.ce_tokens:
             row["ce_after"] = aft.ce / aft.ce_tokens
-    if a.method == "openclaw":
+    if method == "openclaw":
         flat = [x for adv in sig.advantages for x in adv]
         row.update(judge_calls=len(flat), judge_positive=flat.count(1.0), judge_negative=flat.count(-1.0))
-    if a.method == "grpo":
+    if method == "grpo":
         row["advantages"] = [adv[0] if adv else 0.0 for adv in sig.advantages]
     return row
 
@@ -1796,35 +1819,35 @@ def rng_state(device) -> dict:
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    if a.print_config:
-        print(json.dumps(settings_of(a), indent=1, sort_keys=True))
+    args = parse_args(argv)
+    if args.print_config:
+        print(json.dumps(settings_of(args), indent=1, sort_keys=True))
         return
-    ddp, rank, world, device = init_distributed(a.device)
+    ddp, rank, world, device = init_distributed(args.device)
     master = rank == 0
-    out = Path(a.out)
+    out = Path(args.out)
     with run_lock(out) if master else nullcontext():
         try:
-            train(a, out, ddp, rank, world, device, master)
+            train(args, out, ddp, rank, world, device, master)
         finally:
             if ddp:
                 dist.destroy_process_group()
 
 
-def train(a, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
+def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
     # the tasks
-    tasks = envs.load_tasks(a.bench, "train", a.turns)
-    if a.tasks:
+    tasks = envs.load_tasks(args.bench, "train", args.turns)
+    if args.tasks:
         by_id = {t["id"]: t for t in tasks}
-        unknown = [i for i in a.tasks if i not in by_id]
+        unknown = [i for i in args.tasks if i not in by_id]
         if unknown:
-            raise SystemExit(f"--tasks: not in the {a.bench} train split: {unknown}")
-        tasks = [by_id[i] for i in a.tasks]
-    tasks = tasks[: a.limit]
+            raise SystemExit(f"--tasks: not in the {args.bench} train split: {unknown}")
+        tasks = [by_id[i] for i in args.tasks]
+    tasks = tasks[: args.limit]
     tasks_by_id = {t["id"]: t for t in tasks}
     # resume: the newest intact checkpoint (rank 0 picks it), under the same settings; checked before the model loads
     state = None
-    if a.resume:
+    if args.resume:
         found = [latest_checkpoint(out, "cpu") if master else None]
         if ddp:
             found = [found[0][0] if found[0] else None]
@@ -1833,54 +1856,56 @@ def train(a, out: Path, ddp: bool, rank: int, world: int, device: str, master: b
         if found[0] is None:
             raise SystemExit(f"--resume: no intact checkpoint in {out}")
         ckpt, state, saved = found[0]
-        check_resume(saved, settings_of(a), a.allow_change)
+        check_resume(saved, settings_of(args), args.allow_change)
     if master:  # temp files of a run that was killed while writing (ours: the lock is held)
         for junk in [*out.glob(".ckpt-*.tmp-*"), *out.glob("LATEST.tmp-*")]:
             shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
     # the model, its trainable params, the shadows, the optimizer
-    torch.manual_seed(a.seed)
-    model, tok = load_model(a.model, device, getattr(torch, a.dtype) if a.dtype else None)
-    params = trainable_params(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets)
-    if ddp and a.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else None)
+    params = trainable_params(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    if ddp and args.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
         params = shard(model)
     shadows = {"ema": Shadow(params)}  # (sharded alike under FSDP2)
-    if a.feedback == "initial":
+    if args.feedback == "initial":
         shadows["initial"] = Shadow(params)  # the frozen starting weights
-    demos = sft_dataset(model, tok, tasks, a.action_format, a.action_protocol, a.max_len, a.sft_data) \
-        if a.method == "sft" else []
-    if a.method == "sft" and not demos:
+    demos = sft_dataset(model, tok, tasks, args.action_format, args.action_protocol, args.max_len, args.sft_data) \
+        if args.method == "sft" else []
+    if args.method == "sft" and not demos:
         raise SystemExit("--method sft: no successful demonstration to train on")
-    n_items = len(demos) if a.method == "sft" else len(tasks)
-    steps = a.steps or a.epochs * -(-n_items // a.tasks_per_step)
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    decay = (lambda s: max(0.0, 1 - s / steps)) if a.lr_schedule == "linear" else (lambda s: 1.0)
+    n_items = len(demos) if args.method == "sft" else len(tasks)
+    steps = args.steps or args.epochs * -(-n_items // args.tasks_per_step)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    decay = (lambda s: max(0.0, 1 - s / steps)) if args.lr_schedule == "linear" else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     external = None
-    if a.feedback == "external" and not a.analyzer_url:
-        external = load_model(a.analyzer_model, device, getattr(torch, a.dtype) if a.dtype else None)
+    if args.feedback == "external" and not args.analyzer_url:
+        external = load_model(args.analyzer_model, device, getattr(torch, args.dtype) if args.dtype else None)
     run = Run(model, tok, params, shadows, opt, sched, external)
     start_step = 0
     if state is not None:
-        start_step = load_state(run, state, a, device, world)
+        start_step = load_state(run, state, args, device, world)
         if master:
             trim_jsonl(out / "metrics.jsonl", start_step)
             trim_jsonl(out / "rollouts.jsonl", start_step)
             print(f"[hintsd] resumed from {ckpt.name} (step {start_step})", file=sys.stderr)
     if master:
-        print(f"[hintsd] {a.bench}: {len(tasks)} train tasks, {steps} steps, method={a.method}, variant={a.variant}, "
-              f"feedback={a.feedback}, preset={a.preset}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+        print(f"[hintsd] {args.bench}: {len(tasks)} train tasks, {steps} steps, method={args.method}, "
+              f"variant={args.variant}, "
+              f"feedback={args.feedback}, preset={args.preset}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
               f"params, {world} process(es)", file=sys.stderr)
     # the loop
-    for step in tqdm(range(start_step, steps), desc=a.method, unit="step", initial=start_step, total=steps,
+    for step in tqdm(range(start_step, steps), desc=args.method, unit="step", initial=start_step, total=steps,
                      disable=not master):
-        batch = tasks_for_step(demos if a.method == "sft" else tasks, step, a.tasks_per_step, a.seed)
-        row, records, answers = train_step(run, a, step, batch[rank::world], tasks_by_id, ddp)  # a task: one rank
+        batch = tasks_for_step(demos if args.method == "sft" else tasks, step, args.tasks_per_step, args.seed)
+        mine = batch[rank::world]  # a task's n rollouts on one rank
+        row, records, answers = train_step(run, step_config(args), step, mine, tasks_by_id, ddp)
         parts = [None] * world
         if ddp:
             dist.all_gather_object(parts, (records, answers))
         records = sorted((r for p in parts for r in p[0]), key=lambda r: r["task_index"]) if ddp else records
         answers = [x for p in parts for x in p[1]] if ddp else answers
-        row = {"step": step + 1, "epoch": step * a.tasks_per_step // n_items + 1,
+        row = {"step": step + 1, "epoch": step * args.tasks_per_step // n_items + 1,
                "tasks": [getattr(t, "task_id", None) or t["id"] for _, t in batch], **row,
                "target_steps": [tg["step"] + 1 for r in records for tg in r["targets"]],  # 1-based, as printed
                "target_turns": [r["steps"][tg["step"]]["turn"] + 1 for r in records for tg in r["targets"]]}
@@ -1891,9 +1916,9 @@ def train(a, out: Path, ddp: bool, rank: int, world: int, device: str, master: b
         state = checkpoint_state(run, step + 1, rngs)
         if master:
             log_step(out, row, records, answers)
-            save_checkpoint(out, step + 1, state, settings_of(a))
+            save_checkpoint(out, step + 1, state, settings_of(args))
             tqdm.write(summary_line(row))
-    if a.merge:
+    if args.merge:
         merge_and_save(model, out / "merged", master)
         if master:
             tok.save_pretrained(out / "merged")
@@ -1936,13 +1961,13 @@ def checkpoint_state(run: Run, step: int, rngs: list[dict]) -> dict:
             "opt": opt, "sched": run.sched.state_dict(), "rng": rngs}
 
 
-def load_state(run: Run, state: dict, a, device, world: int) -> int:
+def load_state(run: Run, state: dict, args, device, world: int) -> int:
     """Restore what checkpoint_state saved; a changed lr (allowed with --allow-change lr) takes effect."""
     if [p.shape for p in run.params] != [v.shape for v in state["params"]]:
         raise SystemExit("--resume: the checkpoint's trained tensors have other shapes (model / LoRA settings)")
     if set(run.shadows) - set(state["shadows"]):
         raise SystemExit(f"--resume: the checkpoint has no {sorted(set(run.shadows) - set(state['shadows']))} "
-                         f"weights; --feedback {a.feedback} cannot continue it")
+                         f"weights; --feedback {args.feedback} cannot continue it")
     with torch.no_grad():
         for p, v in zip(run.params, state["params"]):
             p.copy_(placed_like(v, p))
@@ -1955,10 +1980,10 @@ def load_state(run: Run, state: dict, a, device, world: int) -> int:
     else:
         run.opt.load_state_dict(state["opt"])
     run.sched.load_state_dict(state["sched"])
-    if run.sched.base_lrs[0] != a.lr:  # --allow-change lr: the new rate, on the same schedule
-        run.sched.base_lrs = [a.lr] * len(run.sched.base_lrs)
+    if run.sched.base_lrs[0] != args.lr:  # --allow-change lr: the new rate, on the same schedule
+        run.sched.base_lrs = [args.lr] * len(run.sched.base_lrs)
         for g in run.opt.param_groups:
-            g["initial_lr"], g["lr"] = a.lr, a.lr * run.sched.lr_lambdas[0](run.sched.last_epoch)
+            g["initial_lr"], g["lr"] = args.lr, args.lr * run.sched.lr_lambdas[0](run.sched.last_epoch)
     rngs, rank = state["rng"], dist.get_rank() if dist.is_initialized() else 0
     if len(rngs) != world:  # LoRA and the optimizer are the same under any world size; dropout draws are not
         print(f"[hintsd] the checkpoint was written by {len(rngs)} process(es), this run has {world}: the random "

@@ -53,7 +53,7 @@ def time_ours(model, prompts, new, graphs=True):
     t = time.perf_counter()
     with hintsd.kv_attention_on(model):
         cache, logits = hintsd.start(model, prompts, new)
-        out = hintsd.decode(model, cache, logits, [0] * len(prompts), new, cuda_graphs=graphs)
+        out = hintsd.decode_n_tokens(model, cache, logits, [0] * len(prompts), new, cuda_graphs=graphs)
     sync(model.device)
     dt = time.perf_counter() - t
     assert all(len(c.tokens) == new for c in out)
@@ -113,7 +113,7 @@ def main():
         same = sum(x == y for x, y in zip(time_ours(model32, prompts, a.new)[1],
                                           time_hf(model32, tok, prompts, a.new)[1]))
         print(f"float32: identical rows {same}/{len(prompts)}")
-    print(f"\n| batch | hintsd tok/s | generate tok/s | hintsd / generate |"
+    print("\n| batch | hintsd tok/s | generate tok/s | hintsd / generate |"
           + (" static tok/s | hintsd / static |" if a.static else "") + " hintsd / bound |")
     print("|---|---|---|---|" + ("---|---|" if a.static else "") + "---|")
     for b, r, _ in rows:

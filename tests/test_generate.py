@@ -67,7 +67,7 @@ def test_sampling_is_seeded_per_row_and_independent_of_the_batch(tiny):
     with hintsd.kv_attention_on(tiny):
         def row_seeded(prompts, seeds):
             cache, logits = hintsd.start(tiny, prompts, 8)
-            return [c.tokens for c in hintsd.decode(tiny, cache, logits, seeds, 8, 1.0, 1.0)]
+            return [c.tokens for c in hintsd.decode_n_tokens(tiny, cache, logits, seeds, 8, 1.0, 1.0)]
         alone = row_seeded([[4, 5]], [77])[0]
         mixed = row_seeded([[9, 9, 9], [4, 5], [1]], [5, 77, 6])[1]
     assert alone == mixed
@@ -92,14 +92,14 @@ def test_chunked_prefill_grown_and_compacted_cache_give_the_same_tokens(tiny, mo
     with hintsd.kv_attention_on(tiny):
         cache, logits = hintsd.start(tiny, prompts, 0)  # no room: decode() grows the buffers
         first_capacity = cache.capacity
-        out = hintsd.decode(tiny, cache, logits, [0, 0, 0], 10)
+        out = hintsd.decode_n_tokens(tiny, cache, logits, [0, 0, 0], 10)
         assert cache.capacity > first_capacity and [c.tokens for c in out] == want
         # drop row 1 and continue rows 0 and 2: the same as continuing them without compaction
         more = [[c.tokens[-1]] for c in out]
-        a = hintsd.decode(tiny, cache, hintsd.prefill(tiny, cache, [[3, 4], [3, 4], [3, 4]]), [0] * 3, 5)
+        a = hintsd.decode_n_tokens(tiny, cache, hintsd.prefill(tiny, cache, [[3, 4], [3, 4], [3, 4]]), [0] * 3, 5)
         cache2, _ = hintsd.start(tiny, [p + c.tokens for p, c in zip(prompts, out)], 0)
         cache2.keep([0, 2])
-        b = hintsd.decode(tiny, cache2, hintsd.prefill(tiny, cache2, [[3, 4], [3, 4]]), [0, 0], 5)
+        b = hintsd.decode_n_tokens(tiny, cache2, hintsd.prefill(tiny, cache2, [[3, 4], [3, 4]]), [0, 0], 5)
     assert [a[0].tokens, a[2].tokens] == [b[0].tokens, b[1].tokens] and more
 
 
@@ -107,7 +107,7 @@ def test_inactive_rows_write_nothing(tiny):
     with hintsd.kv_attention_on(tiny):
         cache, logits = hintsd.start(tiny, [[1, 2, 3], [4, 5]], 8)
         before = [k.clone() for k in cache.k]
-        hintsd.decode(tiny, cache, logits, [0, 0], 4, active=torch.tensor([True, False]))
+        hintsd.decode_n_tokens(tiny, cache, logits, [0, 0], 4, active=torch.tensor([True, False]))
     assert cache.lengths.tolist() == [3 + 4, 2]
     for k, b in zip(cache.k, before):
         assert torch.equal(k[1, :, :cache.capacity], b[1, :, :cache.capacity])  # row 1 untouched (scratch aside)

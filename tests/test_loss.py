@@ -65,6 +65,20 @@ def test_topk_with_tail_bucket_matches_brute_force(logits):
     assert hintsd.reverse_kl_loss(s, t, mask, topk=50).item() == pytest.approx(brute_kl(s, t, mask), rel=1e-5)
 
 
+def test_per_token_reduction_for_pasting_into_other_trainers(logits):
+    """reduction="none" gives the per-token KL (0 where masked); its masked mean is the "mean" reduction, and a
+    per-sequence mean (TRL's SDPO) or a per-micro-batch mean (verl) is built from it."""
+    s, t, mask = logits
+    per_token = hintsd.reverse_kl_loss(s, t, mask, reduction="none")
+    assert per_token.shape == (6,) and torch.all(per_token[~mask] == 0) and torch.all(per_token[mask] > 0)
+    assert torch.allclose(per_token.sum() / mask.sum(), hintsd.reverse_kl_loss(s, t, mask))
+    rows = [brute_kl(s[i:i + 1], t[i:i + 1], mask[i:i + 1]) for i in range(6)]
+    assert torch.allclose(per_token, torch.tensor(rows, dtype=per_token.dtype), rtol=1e-5)
+    k5 = hintsd.reverse_kl_loss(s, t, mask, topk=5, reduction="none")
+    assert torch.allclose(k5.sum() / mask.sum(), hintsd.reverse_kl_loss(s, t, mask, topk=5))
+    assert torch.allclose(hintsd.reverse_kl_loss(s, t), hintsd.reverse_kl_loss(s, t, torch.ones(6)))  # mask=None
+
+
 def test_identical_distributions_give_zero_and_kl_is_not_symmetric(logits):
     s, t, mask = logits
     assert hintsd.reverse_kl_loss(s, s, mask).item() == pytest.approx(0.0, abs=1e-12)
@@ -97,7 +111,7 @@ def test_lora_step0_equals_base_and_ema_moves_towards_student(tiny):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     before = model(ids).logits
     params = hintsd.trainable_params(model, 8, 16)
-    assert len(params) == 2 * 7 * 2  # A and B for 7 projections in 2 layers
+    assert len(params) == 2 * 7 * 2  # A and B for 7 projections in 2 layers (the default: every projection)
     assert torch.equal(model(ids).logits, before)  # B = 0: step 0 is the base model
     ema = hintsd.Shadow(params)
     with torch.no_grad():

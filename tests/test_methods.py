@@ -96,8 +96,8 @@ def test_sdpo_places_feedback_before_the_first_action_and_masks_every_action_tok
     targets = hintsd.sdpo_targets(trajs, hindsight)
     assert [(tg.traj, tg.step) for tg in targets] == [(i, j) for i in (0, 1) for j in range(len(trajs[i].steps))]
     assert all(tg.at_step == 0 for tg in targets)
-    sums = hintsd.update(copy.deepcopy(model), tok, trajs, [[0, 1]], hintsd.Signal(targets), None,
-                         hintsd.LossConfig(), 1 << 20, 1, [0, 0, 0], backward=False)
+    sums = hintsd.measure(copy.deepcopy(model), tok, trajs, [[0, 1]], hintsd.Signal(targets), hintsd.LossConfig(),
+                          1 << 20, {})
     assert sums.kl_tokens == failed_tokens(trajs)  # every action token of the failed rollouts
     # teacher = one full forward of prefix + feedback + the whole rollout, read at every action token
     t = trajs[0]
