@@ -123,7 +123,16 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     mask = cols <= pos[..., None]                                   # [B, T, width]: the row's own past and itself
     if kwargs.get("sliding_window"):
         mask = mask & (cols > pos[..., None] - kwargs["sliding_window"])
-    return sdpa_attention_forward(module, query, K[:, :, :width], V[:, :, :width], mask[:, None], scaling=scaling)
+    K, V = K[:, :, :width], V[:, :, :width]
+    if query.shape[2] > 1:  # prefill: SDPA (transformers repeats the kv heads for it; amortised over T queries)
+        return sdpa_attention_forward(module, query, K, V, mask[:, None], scaling=scaling)
+    # decode: grouped-query attention by hand, so each cached key and value is read once (SDPA with a mask would
+    # first copy them once per query head of their group, every token)
+    B, H, _, D = query.shape
+    q = query.reshape(B, K.shape[1], H // K.shape[1], D)           # [B, kv_heads, group, D]
+    scores = (q @ K.transpose(-1, -2)).float() * (scaling or D ** -0.5)  # [B, kv_heads, group, width]
+    p = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1).to(V.dtype)  # mask: [B, 1, 1, width]
+    return (p @ V).reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register("hintsd", kv_attention)
@@ -251,11 +260,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tens
     u [B]: one uniform number per row. The token is where u falls in the cumulative distribution, so what a row
     samples depends on its own seed only, never on the rest of the batch. The returned log-prob is under the model
     at temperature 1, the distribution the losses use."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
     if temperature <= 0:
         tok = logits.argmax(-1)
     else:
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
             sp, si = probs.sort(-1, descending=True)
             probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0))
@@ -263,7 +272,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tens
         total = cdf[:, -1:]
         x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         tok = torch.searchsorted(cdf, x, right=True)[:, 0]
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
+    return tok, logits.gather(-1, tok[:, None])[:, 0] - logits.logsumexp(-1)  # log p(tok) at temperature 1
 
 
 @dataclass

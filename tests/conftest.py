@@ -67,3 +67,16 @@ def trajs(policy):
     task = envs.load_tasks("bfcl", "train")[0]
     cfg = hintsd.SamplingConfig(max_new_tokens=12, temperature=1.0, max_len=16384)
     return hintsd.rollout(model, tok, [envs.make_env(task, max_steps=4) for _ in range(2)], cfg, [0, 1])
+
+
+def lora_copy(policy, std: float, r: int = 4, alpha: float = 8):
+    """A copy of the policy with LoRA adapters drawn from N(0, std) (B = 0 would make every adapter inert):
+    (model, its trainable params)."""
+    import copy
+    import hintsd
+    model = copy.deepcopy(policy[0])
+    params = hintsd.trainable_params(model, r, alpha)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, std)
+    return model, params

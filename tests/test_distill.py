@@ -9,6 +9,7 @@ import torch
 
 import envs
 import hintsd
+from conftest import lora_copy
 import prompts
 
 
@@ -123,12 +124,8 @@ def test_task_loss_moves_the_student_towards_the_teacher_and_skips_overflow(poli
 
 def test_step_loss_is_the_hand_computed_kl_with_its_gradient(policy, trajs):
     """task_loss's KL term against reverse_kl_loss on plain forwards of the student and the teacher context."""
-    model, tok = policy
-    model = copy.deepcopy(model)
-    params = hintsd.trainable_params(model, 4, 8)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.2)
+    tok = policy[1]
+    model, params = lora_copy(policy, 0.2)
     ema = hintsd.Shadow(params)
     for v in ema.values:
         v.mul_(-1.0)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import envs
 import hintsd
+from conftest import lora_copy
 import prompts
 
 
@@ -164,12 +165,8 @@ def test_judge_parser():
 
 # ----------------------------------------------------------------------------- SFT and replays
 def test_sft_loss_is_cross_entropy_on_the_action_tokens(policy, trajs):
-    model, tok = policy
-    model = copy.deepcopy(model)
-    params = hintsd.trainable_params(model, 4, 8)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.1)
+    tok = policy[1]
+    model, params = lora_copy(policy, 0.1)
     t = trajs[0]
     n = sum(s.end - s.start for s in t.steps)
     loss, sums = hintsd.task_loss(model, tok, [t], [0], hintsd.Signal(ce=True), None, hintsd.LossConfig(), 1 << 20,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hintsd
+from conftest import lora_copy
 
 PAPER = {"lora_rank": 32, "lora_alpha": 64.0, "lora_dropout": 0.05, "lora_targets": ["q_proj", "v_proj"],
          "lr": 5e-6, "lr_schedule": "linear", "topk": 100, "max_new_tokens": 1024, "temperature": 0.6,
@@ -39,12 +40,8 @@ def test_task_normalisation_against_a_hand_computation(policy, trajs):
     """The step loss under the authors' normalisation: each task's token mean of KL(student || teacher), averaged
     over the step's tasks, a task without targets counting 0. Here: tasks [0] and [1] of this rank, and a third
     task of the step (on another rank, say) with no target."""
-    model, tok = policy
-    model = copy.deepcopy(model)
-    params = hintsd.trainable_params(model, 4, 8)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.2)
+    tok = policy[1]
+    model, params = lora_copy(policy, 0.2)
     ema = hintsd.Shadow(params)
     for v in ema.values:
         v.mul_(0.5)
