@@ -216,8 +216,10 @@ NUM = (int, float)
 
 
 def load_run(d: str) -> dict | None:
-    """A training run's metrics.jsonl and curve.jsonl rows (malformed lines skipped); None if it has neither."""
-    metrics = read_jsonl(Path(d) / "metrics.jsonl", {"step": NUM}) or []
+    """A training run's metrics.jsonl and curve.jsonl rows (malformed lines skipped); None if it has neither. A
+    learning-run dir of bench/learn.py holds curve.jsonl beside its training run in run/."""
+    run = Path(d) / "run" if (Path(d) / "run" / "metrics.jsonl").exists() else Path(d)
+    metrics = read_jsonl(run / "metrics.jsonl", {"step": NUM}) or []
     curve = read_jsonl(Path(d) / "curve.jsonl", {"step": NUM, "set": str, "successes": int, "rollouts": int}) or []
     curve = [r for r in curve if r["set"] in ("trained", "held-out") and r["rollouts"] > 0]
     if not metrics and not curve:

@@ -967,16 +967,16 @@ def set_grad_ckpt(model, on: bool) -> None:
 
 def needs_ckpt(model, n_tokens: int) -> bool:
     """Whether one forward with grad over n_tokens would not fit without activation checkpointing: a rough
-    estimate of the activations kept for backward against the memory free now (half of it)."""
+    estimate of the activations kept for backward against the memory free now (half of a GPU's; a quarter of a
+    CPU machine's, which other processes share)."""
     cfg = model.config.get_text_config()
     per_token = cfg.num_hidden_layers * (18 * cfg.hidden_size + 4 * cfg.intermediate_size)
     need = n_tokens * per_token * model.get_input_embeddings().weight.element_size()
     if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0]
-    else:
-        free = next((int(x.split()[1]) * 1024 for x in open("/proc/meminfo") if x.startswith("MemAvailable")),
-                    16 << 30) if os.path.exists("/proc/meminfo") else 16 << 30
-    return need > free // 2
+        return need > torch.cuda.mem_get_info(model.device)[0] // 2
+    meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []
+    free = next((int(x.split()[1]) * 1024 for x in meminfo if x.startswith("MemAvailable")), 16 << 30)
+    return need > free // 4
 
 
 def packed_logits(model, seqs: list[list[int]], rows: list[list[int]], max_tokens: int, ckpt: str = "auto"

@@ -6,14 +6,14 @@
 BFCL tasks cut to their first user turn (--turns 1), the embedded 0.5B model, the cpu preset otherwise (friendly
 protocol, compact analyzer prompt, lenient parser) with: --rollouts 4, --max-env-steps 3, --max-new-tokens 64,
 --lr 1e-4 (LoRA at the paper's 5e-6 barely moves a 0.5B model in 20 steps), --tasks-per-step 1, seed 42.
-Methods, each in OUT/<method> (a hintsd.py run dir):
+Methods, each in OUT/<method>: its training run (a hintsd.py run dir) in run/, its evaluations in curve.jsonl:
   hintsd-oracle  HINT-SD with the BFCL ground-truth oracle as the hindsight source (the upper bound)
   hintsd-ema     HINT-SD with the EMA teacher as the analyzer (the paper's method)
   grpo           the terminal-reward baseline
   initial        no training: the base model's evaluation (it cannot change; its line is flat by definition)
 Every --eval-every steps, and at step 0, the trained tasks are evaluated (k rollouts each, temperature 0.6,
-rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. Rows go to
-OUT/<method>/curve.jsonl; an interrupted run resumes where it stopped (training from its checkpoints, evaluation
+rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. An interrupted run
+resumes where it stopped (training from its checkpoints, evaluation
 points already in curve.jsonl are kept). OUT/summary.md holds the table; for hintsd-ema also the analyzer's
 parse failures and how often its first target is the oracle's first wrong step.
 """
@@ -104,9 +104,9 @@ def main():
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
     summary = []
     for method in a.methods:
-        run = out / method
-        run.mkdir(exist_ok=True)
-        curve = run / "curve.jsonl"
+        run = out / method / "run"
+        (out / method).mkdir(exist_ok=True)
+        curve = out / method / "curve.jsonl"
         done = {(r["step"], r["set"]) for r in map(json.loads, curve.open())} if curve.exists() else set()
         t0 = time.time()
         for step in points if METHODS[method] else [0]:

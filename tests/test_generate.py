@@ -124,3 +124,16 @@ def test_a_context_that_would_pass_max_len_is_stopped_and_counted(policy):
     cfg = hintsd.SamplingConfig(max_new_tokens=8, temperature=1.0, max_len=prompt_len)
     [t] = hintsd.rollout(model, tok, [envs.make_env(task, max_steps=10)], cfg, [0])
     assert t.status == "overflow" and not t.steps  # not even the first action fits
+
+
+def test_cuda_graph_step_falls_back_to_the_eager_step_when_it_cannot_capture(tiny, capsys):
+    """Off a GPU (or when a capture fails) CudaGraphs says so once and decodes eagerly, with the same tokens."""
+    graphs = hintsd.CudaGraphs()
+    with hintsd.kv_attention_on(tiny):
+        cache, logits = hintsd.start(tiny, [[5, 6, 7]], 4)
+        tok = torch.tensor([8])
+        got = graphs(tiny, cache, tok, torch.tensor([True]), cache.width(1))
+        cache2, _ = hintsd.start(tiny, [[5, 6, 7]], 4)
+        want = hintsd.decode_one_token(tiny, cache2, tok, torch.tensor([True]), cache2.width(1))
+    assert torch.allclose(got, want) and not graphs.enabled and "CUDA graphs off" in capsys.readouterr().err
+    assert cache.lengths.tolist() == cache2.lengths.tolist() == [4]
