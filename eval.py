@@ -331,6 +331,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                     help="BFCL: the paper split (seed 42); AppWorld: its own splits (eval = dev, test = test_normal)")
     ap.add_argument("--k", type=hintsd.positive_int, default=4, help="rollouts per task (Avg@k / Best@k)")
     ap.add_argument("--limit", type=hintsd.positive_int, default=None, help="evaluate only the first N tasks")
+    ap.add_argument("--tasks", nargs="+", metavar="ID", help="evaluate only these task ids of the split")
     ap.add_argument("--turns", type=turns_k, default=None, metavar="K",
                     help="BFCL: cut every task to its first K user turns")
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, or 'embedded'")
@@ -403,7 +404,13 @@ def main(argv=None):
         for p in plot_runs(runs, out):
             print(p)
         return
-    tasks = envs.load_tasks(a.bench, a.split, turns=a.turns)[: a.limit]
+    tasks = envs.load_tasks(a.bench, a.split, turns=a.turns)
+    if a.tasks:
+        unknown = sorted(set(a.tasks) - {t["id"] for t in tasks})
+        if unknown:
+            ap.error(f"--tasks: not in the {a.bench} {a.split} split: {unknown}")
+        tasks = [t for t in tasks if t["id"] in set(a.tasks)]
+    tasks = tasks[: a.limit]
     if not tasks:
         ap.error(f"--split {a.split}: no {a.bench} tasks")
     ddp, rank, world, device = hintsd.init_distributed(a.device)  # under torchrun: each rank its share of tasks

@@ -786,7 +786,7 @@ class Hindsight:
     parse_failures: int
 
 
-def select_targets(model, tok, trajs: list[Trajectory], a: AnalyzerConfig, variant: str, bench: str,
+def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, variant: str, bench: str,
                    shadows: dict, tasks_by_id: dict, action_format: str, protocol: str, seed: int,
                    external=None) -> Hindsight:
     """HINT-SD's hindsight for every failed trajectory: up to 3 (Multi) or 1 (Single) (step, feedback) targets,
@@ -794,21 +794,21 @@ def select_targets(model, tok, trajs: list[Trajectory], a: AnalyzerConfig, varia
     k = 1 if variant == "single" else 3
     failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
     answers = []
-    if a.source == "env":
+    if cfg.source == "env":
         picks = [env_feedback(trajs[i], k) for i in failed]
-    elif a.source == "oracle":
+    elif cfg.source == "oracle":
         picks = [envs.oracle_feedback(tasks_by_id[trajs[i].task_id], [(s.turn, s.text) for s in trajs[i].steps],
                                       action_format, protocol)[:k] for i in failed]
         picks = [[(step - 1, fb) for step, fb in p] for p in picks]
     else:
-        chats = [prompts.analyzer_messages(trajs[i], bench, variant, a.prompt) for i in failed]
-        if a.url:
-            answers = ask_endpoint(a.url, a.model, chats, a.tokens, a.temperature, a.top_p, a.timeout)
+        chats = [prompts.analyzer_messages(trajs[i], bench, variant, cfg.prompt) for i in failed]
+        if cfg.url:
+            answers = ask_endpoint(cfg.url, cfg.model, chats, cfg.tokens, cfg.temperature, cfg.top_p, cfg.timeout)
         else:
             m, t = external or (model, tok)
-            with (shadows.get(a.source) if external is None else None) or nullcontext():
-                answers = generate_texts(m, t, chats, a.tokens, a.temperature, a.top_p, seed, "  analysis")
-        picks = [prompts.parse_analysis(text, len(trajs[i].steps), variant, a.parser)
+            with (shadows.get(cfg.source) if external is None else None) or nullcontext():
+                answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis")
+        picks = [prompts.parse_analysis(text, len(trajs[i].steps), variant, cfg.parser)
                  for i, text in zip(failed, answers)]
     targets = [Target(i, step, fb) for i, p in zip(failed, picks) for step, fb in p]
     return Hindsight(targets, answers, sum(not p for p in picks) if answers else 0)

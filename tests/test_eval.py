@@ -252,3 +252,13 @@ def test_plot_writes_three_small_pngs(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--plot", str(tmp_path / "missing")])
     assert e.value.code == 2 and "--plot: no usable" in capsys.readouterr().err
+
+
+def test_tasks_flag_selects_ids_and_refuses_unknown_ones(tiny_qwen, tmp_path, capsys):
+    out = tmp_path / "run"
+    ev.main(["--model", str(tiny_qwen), "--preset", "cpu", "--split", "train", "--tasks", "multi_turn_base_93",
+             "--k", "1", "--max-new-tokens", "4", "--max-env-steps", "2", "--out", str(out)])
+    assert [json.loads(x)["task_id"] for x in open(out / "trajectories.jsonl")] == ["multi_turn_base_93"]
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(tiny_qwen), "--split", "train", "--tasks", "nope", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "not in the bfcl train split: ['nope']" in capsys.readouterr().err
