@@ -650,30 +650,29 @@ class BFCLEnv:
 
 
 def oracle_feedback(task, steps, action_format="json", protocol="friendly"):
-    """An upper bound for the hindsight analyzer: the first step whose calls leave the ground-truth path,
-    with feedback that names the correct call. steps: [(turn, assistant_text)] in order, read with the parser of
-    the protocol. Returns [(step_number_1_based, feedback)] (one entry), or [] when no step diverges."""
+    """An upper bound for the hindsight analyzer: the first step whose calls leave the ground-truth path, with
+    feedback that shows the right call in the action format. steps: [(turn, assistant_text)] in order, read with
+    the parser of the protocol. Returns [(step_number_1_based, feedback)] (one entry), or [] when no step diverges.
+    The feedback never quotes the wrong call: a small teacher shown the wrong call tends to repeat it."""
     env = BFCLEnv(task, action_format, protocol=protocol)
     turns = {}
     for i, (turn, text) in enumerate(steps, 1):
         turns.setdefault(turn, []).append((i, text))
+    done_text = "The request is already done: answer in plain text, without a call."
     for turn, items in sorted(turns.items()):
         gt, done = env.ground_truth_calls(turn), 0
         for i, text in items:
             calls, error = parse_calls(text, action_format, protocol)
-            want = call_to_str(*gt[done]) if done < len(gt) else None
+            right = f"The right call is:\n{format_calls(gt[done:done + 1], action_format)}" if done < len(gt) else None
             if error is not None:
-                return [(i, f"Your call could not be run ({error[:150]}). "
-                            + (f"You should call {want}." if want else "You should answer in plain text."))]
-            if not calls and want:
-                return [(i, f"The request is not done yet: you should call {want}.")]
+                return [(i, f"Your call could not be run ({error[:150]}). " + (right or done_text))]
+            if not calls and right:
+                return [(i, f"The request is not done yet. {right}")]
             for c in calls:
                 if done < len(gt) and c == gt[done]:
                     done += 1
                     continue
-                return [(i, f"You should call {want} instead of {call_to_str(*c)}." if want else
-                            f"You should not call {call_to_str(*c)}: the request is already done; "
-                            "answer in plain text.")]
+                return [(i, f"That call is wrong. {right}" if right else done_text)]
     return []
 
 

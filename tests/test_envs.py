@@ -240,9 +240,14 @@ def test_oracle_points_at_the_first_diverging_step():
     gt = env.ground_truth_calls(0)
     good = envs.format_calls(gt[:1], "json")
     bad = envs.format_calls([("definitely_wrong", {})], "json")
-    assert envs.oracle_feedback(task, [(0, good), (0, bad)]) == [
-        (2, f"You should call {envs.call_to_str(*gt[1])} instead of definitely_wrong().")]
+    [(step, fb)] = envs.oracle_feedback(task, [(0, good), (0, bad)])
+    assert step == 2 and fb == "That call is wrong. The right call is:\n" + envs.format_calls(gt[1:2], "json")
+    assert "definitely_wrong" not in fb  # the wrong call is never quoted back
+    assert envs.parse_calls(fb.split("\n", 1)[1], "json") == ([gt[1]], None)  # the right call, as an action
     assert envs.oracle_feedback(task, [(0, "I am done.")])[0][0] == 1
+    done = [(0, envs.format_calls(gt, "json")), (0, good)]  # every call made, then one more
+    assert envs.oracle_feedback(task, done) == [(2, "The request is already done: answer in plain text, without "
+                                                    "a call.")]
     replay = [(turn, env.ground_truth_action(turn)) for turn in range(len(task["turns"]))]
     assert envs.oracle_feedback(task, replay) == []
 
@@ -415,7 +420,7 @@ def test_oracle_reads_steps_with_the_protocols_parser(all_tasks):
     gt = env.ground_truth_calls(0)
     broken = '<tool_call>{"name": "x", "arguments": {</tool_call>'
     assert envs.oracle_feedback(task, [(0, broken)], protocol="authors") == [
-        (1, f"The request is not done yet: you should call {envs.call_to_str(*gt[0])}.")]
+        (1, "The request is not done yet. The right call is:\n" + envs.format_calls(gt[:1], "json"))]
     assert envs.oracle_feedback(task, [(0, broken)])[0][1].startswith("Your call could not be run")
     replay = [(turn, env.ground_truth_action(turn)) for turn in range(len(task["turns"]))]
     assert envs.oracle_feedback(task, replay, protocol="authors") == []

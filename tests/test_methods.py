@@ -281,7 +281,7 @@ def test_placement_analysis_runs_paired_conditions(tiny_qwen, tmp_path, monkeypa
     placement.main()
     [pair] = [json.loads(x) for x in open(out / "pairs.jsonl")]
     assert {c: len(r) for c, r in pair["rewards"].items()} == {c: 1 for c in placement.CONDITIONS}
-    assert 1 <= pair["target_step"] <= pair["steps"] and pair["feedback"].startswith(("You should", "The request",
+    assert 1 <= pair["target_step"] <= pair["steps"] and pair["feedback"].startswith(("That call", "The request",
                                                                                        "Your call"))
     s = json.loads((out / "summary.json").read_text())
     assert s["pairs"] == 1 and s["success"] == {c: 100.0 * r[0] for c, r in pair["rewards"].items()}
