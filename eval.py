@@ -258,7 +258,9 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
                 pts = [(m["step"], 100 * m["success_rate"]) for m in r["metrics"]
                        if isinstance(m.get("success_rate"), NUM)]
                 steps, rate = [p[0] for p in pts], [p[1] for p in pts]
-            if steps:
+            if len(steps) == 1:  # evaluated once (the initial model): a flat line
+                ax.axhline(rate[0], ls=":", color=colors[r["name"]], label=f"{r['name']} (step {steps[0]})")
+            elif steps:
                 ax.plot(steps, rate, marker="o", ms=3, color=colors[r["name"]], label=r["name"])
         ax.set(title=which, xlabel="step", ylabel="success rate (%)", ylim=(-3, 103))
         ax.grid(alpha=0.3)
@@ -271,7 +273,8 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     with_kl = [r for r in runs if any(isinstance(m.get("kl"), NUM) for m in r["metrics"])]
     for r in with_kl:
         for key, style, label in (("kl", "-", r["name"]), ("kl_after", "--", f"{r['name']} (after update)")):
-            pts = [(m["step"], m[key]) for m in r["metrics"] if isinstance(m.get(key), NUM)]
+            pts = [(m["step"], m[key]) for m in r["metrics"]  # a step without targets has no KL to show
+                   if isinstance(m.get(key), NUM) and m.get("tokens_supervised") != 0]
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[r["name"]], label=label)
     ax.set(xlabel="step", ylabel="KL(student || teacher) on targets",

@@ -103,26 +103,22 @@ class KVCache:
 
 
 def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv=None, **kwargs):
-    """The model's attention while we generate. kv = (cache, new, width): the keys and values of the T new tokens
-    go into the cache at each row's own positions (padding, new == False, into the scratch column), then every
-    query attends to its row's tokens up to itself. query [B, H, T, D]; key, value [B, kv_heads, T, D]; new [B, T].
-    Without kv it is the model's usual SDPA attention."""
+    """The model's attention while we generate. kv = (cache, slot, pos, mask) from forward_tokens: the keys and
+    values of the T new tokens go into the cache at slot [B, T] (padding into the scratch column), then each query
+    attends where mask [B, T, width] is true (its row's tokens up to itself; pos [B, T] are the token positions).
+    query [B, H, T, D]; key, value [B, kv_heads, T, D]. Without kv it is the model's usual SDPA attention."""
     if kv is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if kwargs.get("softcap"):
         raise NotImplementedError("attention logit softcapping is not supported by the hintsd generator")
-    cache, new, width = kv
-    pos = cache.lengths[:, None] + torch.arange(query.shape[2], device=query.device)   # [B, T] token positions
-    slot = torch.where(new, pos, cache.capacity)
-    rows = torch.arange(query.shape[0], device=query.device)[:, None]
+    cache, slot, pos, mask = kv
+    rows, width = torch.arange(query.shape[0], device=query.device)[:, None], mask.shape[-1]
     K, V = cache.k[module.layer_idx], cache.v[module.layer_idx]
     K[rows, :, slot] = key.transpose(1, 2).to(K.dtype)
     V[rows, :, slot] = value.transpose(1, 2).to(V.dtype)
-    cols = torch.arange(width, device=query.device)
-    mask = cols <= pos[..., None]                                   # [B, T, width]: the row's own past and itself
     if kwargs.get("sliding_window"):
-        mask = mask & (cols > pos[..., None] - kwargs["sliding_window"])
+        mask = mask & (torch.arange(width, device=query.device) > pos[..., None] - kwargs["sliding_window"])
     K, V = K[:, :, :width], V[:, :, :width]
     if query.shape[2] > 1:  # prefill: SDPA (transformers repeats the kv heads for it; amortised over T queries)
         return sdpa_attention_forward(module, query, K, V, mask[:, None], scaling=scaling)
@@ -152,8 +148,10 @@ def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, 
     """Run ids [B, T] (new [B, T] marks real tokens; padding comes after them) against the cache and append the real
     ones. Returns float32 logits [B, K, V] at the columns `keep` (an int n: the last n columns; or K indices), from
     the model's own forward, so its output head and any final logit scaling apply."""
-    pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    out = model(input_ids=ids, position_ids=pos, kv=(cache, new, width), use_cache=False, logits_to_keep=keep)
+    pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)   # [B, T] token positions
+    slot = torch.where(new, pos, cache.capacity)                                     # padding: scratch column
+    mask = torch.arange(width, device=ids.device) <= pos[..., None]                  # [B, T, width]
+    out = model(input_ids=ids, position_ids=pos, kv=(cache, slot, pos, mask), use_cache=False, logits_to_keep=keep)
     cache.lengths += new.sum(1)
     return out.logits.float()
 

@@ -1,11 +1,13 @@
 """A learning run that fits a 2-core CPU: does HINT-SD turn failures into successes? (`eval.py --plot` draws it.)
 
-    python bench/learn.py [--methods hintsd-oracle hintsd-ema grpo initial] [--steps 20] [--eval-every 5]
+    python bench/learn.py [--methods hintsd-oracle hintsd-ema grpo initial] [--steps 10] [--eval-every 5]
                           [--out runs/learn] [-- EXTRA HINTSD ARGS]
 
 BFCL tasks cut to their first user turn (--turns 1), the embedded 0.5B model, the cpu preset otherwise (friendly
 protocol, compact analyzer prompt, lenient parser) with: --rollouts 4, --max-env-steps 3, --max-new-tokens 64,
---lr 1e-4 (LoRA at the paper's 5e-6 barely moves a 0.5B model in 20 steps), --tasks-per-step 1, seed 42.
+--lr 1e-4 (LoRA at the paper's 5e-6 barely moves a 0.5B model in 20 steps), --tasks-per-step 1, seed 42. Two
+trained tasks (a training step takes about 3 minutes on 2 cores), four held-out tasks of the test split. Run one
+method at a time: two torch processes on 2 cores slow each other down many times over.
 Methods, each in OUT/<method>: its training run (a hintsd.py run dir) in run/, its evaluations in curve.jsonl:
   hintsd-oracle  HINT-SD with the BFCL ground-truth oracle as the hindsight source (the upper bound)
   hintsd-ema     HINT-SD with the EMA teacher as the analyzer (the paper's method)
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"hintsd-oracle": ["--method", "hintsd", "--feedback", "oracle"],
            "hintsd-ema": ["--method", "hintsd", "--feedback", "ema"],
            "grpo": ["--method", "grpo"], "initial": None}
-TRAIN = ["multi_turn_base_146", "multi_turn_base_127", "multi_turn_base_118", "multi_turn_base_93"]
+TRAIN = ["multi_turn_base_93", "multi_turn_base_146"]
 HELD_OUT = ["multi_turn_base_116", "multi_turn_base_126", "multi_turn_base_142", "multi_turn_base_107"]
 
 
@@ -89,7 +91,7 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--train", nargs="+", default=TRAIN, metavar="ID", help="train-split task ids to train on")
     ap.add_argument("--held-out", nargs="+", default=HELD_OUT, metavar="ID", help="test-split task ids")
-    ap.add_argument("--steps", type=hintsd.positive_int, default=20)
+    ap.add_argument("--steps", type=hintsd.positive_int, default=10)
     ap.add_argument("--eval-every", type=hintsd.positive_int, default=5)
     ap.add_argument("--k", type=hintsd.positive_int, default=4, help="evaluation rollouts per task")
     ap.add_argument("--lr", type=hintsd.positive_float, default=1e-4)
