@@ -409,10 +409,11 @@ def main(argv=None):
         return
     tasks = envs.load_tasks(a.bench, a.split, turns=a.turns)
     if a.tasks:
-        unknown = sorted(set(a.tasks) - {t["id"] for t in tasks})
+        wanted = set(a.tasks)
+        unknown = sorted(wanted - {t["id"] for t in tasks})
         if unknown:
             ap.error(f"--tasks: not in the {a.bench} {a.split} split: {unknown}")
-        tasks = [t for t in tasks if t["id"] in set(a.tasks)]
+        tasks = [t for t in tasks if t["id"] in wanted]
     tasks = tasks[: a.limit]
     if not tasks:
         ap.error(f"--split {a.split}: no {a.bench} tasks")

@@ -69,12 +69,12 @@ def trajs(policy):
     return hintsd.rollout(model, tok, [envs.make_env(task, max_steps=4) for _ in range(2)], cfg, [0, 1])
 
 
-def lora_copy(policy, std: float, r: int = 4, alpha: float = 8):
-    """A copy of the policy with LoRA adapters drawn from N(0, std) (B = 0 would make every adapter inert):
-    (model, its trainable params)."""
+def lora_copy(model, std: float, r: int = 4, alpha: float = 8):
+    """A copy of the model with LoRA adapters drawn from N(0, std) (B = 0 would make every adapter inert):
+    (the copy, its trainable params)."""
     import copy
     import hintsd
-    model = copy.deepcopy(policy[0])
+    model = copy.deepcopy(model)
     params = hintsd.trainable_params(model, r, alpha)
     with torch.no_grad():
         for p in params:

@@ -127,13 +127,9 @@ def test_lora_step0_equals_base_and_ema_moves_towards_student(tiny):
 
 
 def test_merge_folds_lora_into_plain_linears(tiny, tmp_path):
-    import copy
     from transformers import AutoModelForCausalLM
-    model = copy.deepcopy(tiny)
-    params = hintsd.trainable_params(model, 4, 8)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.05)
+    from conftest import lora_copy
+    model, _ = lora_copy(tiny, 0.05)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     want = model(ids).logits
     hintsd.merge_and_save(model, tmp_path)

@@ -166,7 +166,7 @@ def test_judge_parser():
 # ----------------------------------------------------------------------------- SFT and replays
 def test_sft_loss_is_cross_entropy_on_the_action_tokens(policy, trajs):
     tok = policy[1]
-    model, params = lora_copy(policy, 0.1)
+    model, params = lora_copy(policy[0], 0.1)
     t = trajs[0]
     n = sum(s.end - s.start for s in t.steps)
     loss, sums = hintsd.task_loss(model, tok, [t], [0], hintsd.Signal(ce=True), None, hintsd.LossConfig(), 1 << 20,

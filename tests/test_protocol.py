@@ -41,7 +41,7 @@ def test_task_normalisation_against_a_hand_computation(policy, trajs):
     over the step's tasks, a task without targets counting 0. Here: tasks [0] and [1] of this rank, and a third
     task of the step (on another rank, say) with no target."""
     tok = policy[1]
-    model, params = lora_copy(policy, 0.2)
+    model, params = lora_copy(policy[0], 0.2)
     ema = hintsd.Shadow(params)
     for v in ema.values:
         v.mul_(0.5)
