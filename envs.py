@@ -116,9 +116,21 @@ def cut_turns(task, k):
     return {**task, "turns": task["turns"][:k], "ground_truth": task["ground_truth"][:k], "turns_kept": k}
 
 
-def load_tasks(bench, split, turns=None):
+def load_tasks(bench, split, turns=None, ids=None):
     """Tasks of a split. turns=K (BFCL only): every task cut to its first K user turns (see cut_turns); the
-    split is drawn from the whole tasks first, so it does not depend on K."""
+    split is drawn from the whole tasks first, so it does not depend on K. ids: only these tasks, in this order
+    (ValueError naming any id not in the split)."""
+    tasks = _split_tasks(bench, split, turns)
+    if ids:
+        by_id = {t["id"]: t for t in tasks}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise ValueError(f"--tasks: not in the {bench} {split} split: {unknown}")
+        tasks = [by_id[i] for i in ids]
+    return tasks
+
+
+def _split_tasks(bench, split, turns):
     if bench not in BENCHES:
         raise ValueError(f"unknown bench {bench!r}; allowed: {BENCHES}")
     if turns is not None and bench != "bfcl":

@@ -407,14 +407,10 @@ def main(argv=None):
         for p in plot_runs(runs, out):
             print(p)
         return
-    tasks = envs.load_tasks(a.bench, a.split, turns=a.turns)
-    if a.tasks:
-        wanted = set(a.tasks)
-        unknown = sorted(wanted - {t["id"] for t in tasks})
-        if unknown:
-            ap.error(f"--tasks: not in the {a.bench} {a.split} split: {unknown}")
-        tasks = [t for t in tasks if t["id"] in wanted]
-    tasks = tasks[: a.limit]
+    try:
+        tasks = envs.load_tasks(a.bench, a.split, a.turns, a.tasks)[: a.limit]
+    except ValueError as e:
+        ap.error(str(e))
     if not tasks:
         ap.error(f"--split {a.split}: no {a.bench} tasks")
     ddp, rank, world, device = hintsd.init_distributed(a.device)  # under torchrun: each rank its share of tasks

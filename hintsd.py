@@ -24,20 +24,23 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import socket
 import sys
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import envs
@@ -393,66 +396,6 @@ class Trajectory:
         return Trajectory(**{**d, "steps": [Step(**s) for s in d["steps"]]})
 
 
-def clean(text) -> str:
-    """Text a tokenizer accepts: lone surrogates (a JSON "\\ud800" escape, say) become '?'."""
-    return str(text).encode("utf-8", "replace").decode("utf-8")
-
-
-SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while the template renders
-
-
-def render(tok, messages: list[dict], tools, gen_prompt: bool) -> tuple[str, list[str]]:
-    """The chat template's text with each message content replaced by a sentinel, and the contents."""
-    contents = [clean(m.get("content") or "").replace("\ue000", "").replace("\ue001", "") for m in messages]
-    marked = [{**m, "content": SENTINEL.format(i)} for i, m in enumerate(messages)]
-    text = tok.apply_chat_template(marked, tools=tools or None, tokenize=False, add_generation_prompt=gen_prompt)
-    return text, contents
-
-
-def encode_rendered(tok, text: str, contents: list[str]) -> list[int]:
-    """Token ids of rendered chat text: the template's own text with its special tokens, each message content as
-    plain text, so a "<|im_end|>" written by a model or an environment stays text and can never end a turn."""
-    ids = []
-    for i, piece in enumerate(re.split("\ue000(\\d+)\ue001", text)):
-        if i % 2:
-            ids += tok(contents[int(piece)], add_special_tokens=False, split_special_tokens=True).input_ids
-        elif piece:
-            ids += tok(piece, add_special_tokens=False).input_ids
-    return ids
-
-
-def encode(tok, text: str) -> list[int]:
-    """Token ids of plain text (special-token strings stay text)."""
-    return tok(clean(text), add_special_tokens=False, split_special_tokens=True).input_ids
-
-
-def prompt_ids(tok, messages: list[dict], tools) -> tuple[list[int], int]:
-    """Token ids of the whole chat plus the assistant header, and the header's length in tokens."""
-    (full, contents), (base, _) = render(tok, messages, tools, True), render(tok, messages, tools, False)
-    return encode_rendered(tok, full, contents), len(encode_rendered(tok, full[len(base):], contents))
-
-
-def continuation_ids(tok, messages: list[dict], new: list[dict], tools, end_text: str) -> tuple[list[int], int]:
-    """Token ids that follow an assistant action's end-of-turn token: the environment's new messages and the next
-    assistant header, cut from the rendered chat. Also returns the header's length in tokens."""
-    prev, _ = render(tok, messages, tools, False)
-    base, _ = render(tok, messages + new, tools, False)
-    full, contents = render(tok, messages + new, tools, True)
-    if not (full.startswith(base) and base.startswith(prev)):
-        raise ValueError("the chat template is not prefix-stable; cannot extend the rollout's token ids")
-    cut = prev.rindex(end_text) + len(end_text)
-    return encode_rendered(tok, full[cut:], contents), len(encode_rendered(tok, full[len(base):], contents))
-
-
-def feedback_ids(tok, text: str) -> list[int]:
-    """Token ids of the one user message that carries feedback, as the chat template renders it."""
-    ctx = [{"role": "system", "content": "-"}, {"role": "user", "content": "-"}]
-    (a, _), (b, contents) = render(tok, ctx, None, False), render(tok, ctx + [prompts.feedback_message(text)], None,
-                                                                  False)
-    assert b.startswith(a)
-    return encode_rendered(tok, b[len(a):], contents)
-
-
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 1024  # per assistant action (authors: 1024)
@@ -482,7 +425,7 @@ def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episod
     msgs = env.reset()
     ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs)), seed, hint)
     ep.traj.messages += hint_for(ep)
-    ep.pending, ep.header_len = prompt_ids(tok, ep.traj.messages, env.tools)
+    ep.pending, ep.header_len = prompts.prompt_ids(tok, ep.traj.messages, env.tools)
     if len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
         ep.traj.status = "overflow"
     return ep
@@ -495,7 +438,7 @@ def play(tok, ep: Episode, action: list[int], logprobs: list[float], cfg: Sampli
     t.tokens += ep.pending
     start_ = len(t.tokens)
     t.tokens += action
-    text = clean(tok.decode(action[:-1] if action and action[-1] in stops else action))
+    text = prompts.valid_text(tok.decode(action[:-1] if action and action[-1] in stops else action))
     turn, out = env.turn, env.step(text)
     t.steps.append(Step(turn, start_ - ep.header_len, start_, len(t.tokens), text, logprobs, out))
     t.messages.append({"role": "assistant", "content": text})
@@ -504,7 +447,7 @@ def play(tok, ep: Episode, action: list[int], logprobs: list[float], cfg: Sampli
         t.status = "completed" if env.completed else "max_steps"
         return False
     new = out + hint_for(ep)
-    ids, ep.header_len = continuation_ids(tok, t.messages, new, env.tools, tok.decode([eot]))
+    ids, ep.header_len = prompts.continuation_ids(tok, t.messages, new, env.tools, tok.decode([eot]))
     t.messages += new
     ep.pending = ([] if action and action[-1] == eot else [eot]) + ids  # close a truncated action ourselves
     if len(t.tokens) + len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
@@ -527,7 +470,8 @@ def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], prog
     eps = [start_episode(tok, env, cfg, s, h) for env, s, h in zip(envs_, seeds, hints)]
     for ep, texts in zip(eps, forced):
         for text in texts:
-            if ep.traj.status != "running" or not play(tok, ep, encode(tok, text) + [end_of_turn(tok)], [], cfg, stops):
+            action = prompts.encode(tok, text) + [end_of_turn(tok)]
+            if ep.traj.status != "running" or not play(tok, ep, action, [], cfg, stops):
                 break
     rows = [ep for ep in eps if ep.traj.status == "running"]
     if rows:
@@ -639,7 +583,6 @@ def shard(model) -> list[torch.nn.Parameter]:
     """FSDP2: each decoder layer, then the rest of the model, sharded over the ranks (so a model whose weights,
     gradients and AdamW moments do not fit one GPU can train). Gradients are summed over ranks, not averaged:
     the loss's normalisers already count every rank's tokens. Returns the (sharded) params."""
-    from torch.distributed.fsdp import fully_shard
     for layer in model.base_model.layers:
         fully_shard(layer)
     fully_shard(model, reshard_after_forward=True)
@@ -650,7 +593,6 @@ def shard(model) -> list[torch.nn.Parameter]:
 
 
 def fsdp_units(model) -> list:
-    from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -715,66 +657,14 @@ class AnalyzerConfig:
     timeout: float = 120.0
 
 
-def output_text(s: Step) -> str:
-    """What the environment answered a step, as text."""
-    return "\n".join(str(m.get("content", "")) for m in s.output)
-
-
-def step_outputs(t: Trajectory) -> list[str]:
-    return [output_text(s) for s in t.steps]
-
-
-def step_requests(t: Trajectory) -> list[str]:
-    """The user request each step answers: the first query, or the new turn's message that ended the last turn."""
-    requests = {0: next((str(m["content"]) for m in t.messages if m["role"] == "user"), "")}
-    for s, nxt in zip(t.steps, t.steps[1:]):
-        if nxt.turn != s.turn:
-            requests[nxt.turn] = output_text(s)
-    return [requests.get(s.turn, "") for s in t.steps]
-
-
 def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0, desc: str = "generate") -> list[str]:
     """Answers to chats (analyzer, judge), batched: all at once on a GPU, four at a time on a CPU."""
-    ids = [prompt_ids(tok, c, None)[0] for c in chats]
+    ids = [prompts.prompt_ids(tok, c, None)[0] for c in chats]
     batch, out = (len(ids) or 1) if model.device.type == "cuda" else 4, []
     for i in tqdm(range(0, len(ids), batch), desc=desc, leave=False):
         out += generate(model, tok, ids[i:i + batch], max_new_tokens, temperature, top_p, seed_of(seed, i))
     return [tok.decode(c.tokens, skip_special_tokens=True) for c in out]
-
-
-def ask_endpoint(url: str, model_name: str, chats: list[list[dict]], max_tokens: int, temperature: float,
-                 top_p: float, timeout: float, retries: int = 3) -> list[str]:
-    """Answers from an OpenAI-compatible chat-completions endpoint (the standard library's HTTP client; the key,
-    if any, from $HINTSD_ANALYZER_KEY or $OPENAI_API_KEY). A timeout, an HTTP error or a malformed reply is
-    retried, then gives "" (a parse failure): an outside service never stops training."""
-    key = os.environ.get("HINTSD_ANALYZER_KEY") or os.environ.get("OPENAI_API_KEY")
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-
-    def ask(chat):
-        body = json.dumps({"model": model_name, "messages": chat, "max_tokens": max_tokens,
-                           "temperature": temperature, "top_p": top_p}).encode()
-        for attempt in range(retries):
-            try:
-                req = urllib.request.Request(url, body, headers)
-                with urllib.request.urlopen(req, timeout=timeout) as r:
-                    text = json.loads(r.read())["choices"][0]["message"]["content"]
-                return text if isinstance(text, str) else ""
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, timeouts, bad JSON
-                print(f"[hintsd] analyzer endpoint: {type(e).__name__}: {e} (try {attempt + 1}/{retries})",
-                      file=sys.stderr)
-                time.sleep(min(2 ** attempt, 10) if attempt + 1 < retries else 0)
-        return ""
-    with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(ask, chats))
-
-
-def env_feedback(t: Trajectory, k: int) -> list[tuple[int, str]]:
-    """Table-3 'environment output' source, no analyzer: the first k steps whose output is an error (else the
-    last step), with the raw output as the feedback. Steps are 0-based."""
-    outs = step_outputs(t)
-    errs = [i for i, o in enumerate(outs) if "error" in o.lower()][:k] or [len(outs) - 1]
-    return [(i, f"The environment answered your previous attempt with: {outs[i][:500]}") for i in errs]
 
 
 @dataclass
@@ -793,7 +683,7 @@ def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, var
     failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
     answers = []
     if cfg.source == "env":
-        picks = [env_feedback(trajs[i], k) for i in failed]
+        picks = [prompts.env_feedback(trajs[i], k) for i in failed]
     elif cfg.source == "oracle":
         picks = [envs.oracle_feedback(tasks_by_id[trajs[i].task_id], [(s.turn, s.text) for s in trajs[i].steps],
                                       action_format, protocol)[:k] for i in failed]
@@ -801,7 +691,8 @@ def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, var
     else:
         chats = [prompts.analyzer_messages(trajs[i], bench, variant, cfg.prompt) for i in failed]
         if cfg.url:
-            answers = ask_endpoint(cfg.url, cfg.model, chats, cfg.tokens, cfg.temperature, cfg.top_p, cfg.timeout)
+            answers = prompts.ask_endpoint(cfg.url, cfg.model, chats, cfg.tokens, cfg.temperature, cfg.top_p,
+                                           cfg.timeout)
         else:
             m, t = external or (model, tok)
             with (shadows.get(cfg.source) if external is None else None) or nullcontext():
@@ -829,7 +720,7 @@ def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int, seed: 
     the answer could not be parsed), the raw answers and the number of parse failures."""
     items, chats = [], []
     for i, t in enumerate(trajs):
-        for j, (s, req, out) in enumerate(zip(t.steps, step_requests(t), step_outputs(t))):
+        for j, (s, req, out) in enumerate(zip(t.steps, prompts.step_requests(t), prompts.step_outputs(t))):
             items.append((i, j))
             chats.append(prompts.judge_messages(req, s.text, out))
     answers = generate_texts(model, tok, chats, max_new_tokens, seed=seed, desc="  judge")
@@ -1045,7 +936,7 @@ def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_le
         groups.setdefault((tg.traj, at, tg.feedback), []).append(tg)
     ctxs, rows, served, skipped = [], [], [], 0
     for (i, at, text), tgs in groups.items():
-        t, fb = trajs[i], feedback_ids(tok, text)
+        t, fb = trajs[i], prompts.feedback_ids(tok, text)
         end = max(t.steps[tg.step].end for tg in tgs)
         if end + len(fb) > max_len:
             skipped += len(tgs)
@@ -1057,13 +948,14 @@ def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_le
 
 
 def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, teacher: Shadow | None,
-              cfg: LossConfig, max_len: int, weights: tuple[float, float, float], teacher_cache: dict | None = None
-              ) -> tuple[torch.Tensor | None, Sums]:
-    """The weighted loss of one task's rollouts (trajs[i] for i in idx) and what it measured.
+              cfg: LossConfig, max_len: int, teacher_cache: dict | None = None
+              ) -> tuple[list[torch.Tensor] | None, Sums]:
+    """The per-token losses of one task's rollouts (trajs[i] for i in idx), each summed over its tokens: [KL, PG,
+    CE] (None when no token of the task is trained), and what they measured.
 
     One packed student forward serves every loss: the reverse KL on the target actions (against the teacher's
     logits from its own packed forward, without grad), the clipped policy gradient on steps with an advantage,
-    and the cross-entropy on demonstrations. weights: per-token weights of the KL, PG and CE sums."""
+    and the cross-entropy on demonstrations."""
     targets = [tg for tg in sig.targets if tg.traj in idx]
     # the teacher, without grad: contexts with the feedback inserted
     ctxs, t_rows, served, skipped = teacher_contexts(tok, trajs, targets, max_len)
@@ -1093,50 +985,43 @@ def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, 
                              [[j - 1 for j in need[i]] for i in used], cfg.pack_tokens, cfg.grad_ckpt)
     row_of = {i: {j: r for r, j in enumerate(need[i])} for i in used}
     logits_of = dict(zip(used, s_logits))
-    pick = lambda i, toks: logits_of[i][torch.tensor([row_of[i][j] for j in toks], device=model.device)]  # noqa
-    loss = torch.zeros((), device=model.device)
+
+    def pick(i, toks):  # the student's logits [len(toks), V] that predict tokens toks of trajectory i
+        return logits_of[i][torch.tensor([row_of[i][j] for j in toks], device=model.device)]
+
+    def logp(items):  # log p [N] of each action token of items [(i, step)] under the student
+        ids = torch.tensor([trajs[i].tokens[j] for i, s_ in items for j in action_tokens([s_])], device=model.device)
+        logits = torch.cat([pick(i, action_tokens([s_])) for i, s_ in items])
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
+
+    kl = pg = ce = torch.zeros((), device=model.device)
     if served:
         s = torch.cat([pick(tgs[0].traj, action_tokens([trajs[tg.traj].steps[tg.step] for tg in tgs]))
                        for tgs in served])
         t = torch.cat(t_logits)
         kl = reverse_kl_loss(s, t, topk=cfg.topk, reduction="none")
-        loss = loss + kl.sum() * weights[0]
         top1 = torch.log_softmax(s.detach().float(), -1).gather(-1, t.argmax(-1, keepdim=True))
         sums.kl, sums.kl_tokens, sums.top1 = float(kl.detach().sum()), kl.numel(), float(top1.sum())
     pg_items = [(i, s_, a) for i in used for s_, a in pg_steps[i]]
     if pg_items:
-        ids = torch.tensor([trajs[i].tokens[j] for i, s_, _ in pg_items for j in range(s_.start, s_.end)],
-                           device=model.device)
-        logits = torch.cat([pick(i, action_tokens([s_])) for i, s_, _ in pg_items])
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
         old = torch.tensor([x for _, s_, _ in pg_items for x in s_.logprobs], device=model.device)
         adv = torch.tensor([a for _, s_, a in pg_items for _ in s_.logprobs], device=model.device)
-        pg = clipped_pg_loss(logp, old, adv, clip=cfg.clip, reduction="none")
-        loss = loss + pg.sum() * weights[1]
+        pg = clipped_pg_loss(logp([(i, s_) for i, s_, _ in pg_items]), old, adv, clip=cfg.clip, reduction="none")
         sums.pg, sums.pg_tokens = float(pg.detach().sum()), pg.numel()
     ce_items = [(i, s_) for i in used for s_ in ce_steps[i]]
     if ce_items:
-        ids = torch.tensor([trajs[i].tokens[j] for i, s_ in ce_items for j in range(s_.start, s_.end)],
-                           device=model.device)
-        logits = torch.cat([pick(i, action_tokens([s_])) for i, s_ in ce_items])
-        ce = -torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
-        loss = loss + ce.sum() * weights[2]
+        ce = -logp(ce_items)
         sums.ce, sums.ce_tokens = float(ce.detach().sum()), ce.numel()
-    return loss, sums
+    return [kl.sum(), pg.sum(), ce.sum()], sums
 
 
-def loss_weights(trajs, groups, sig, tok, max_len, norm, n_tasks, total) -> list[tuple[float, float, float]]:
-    """Per-token weights (KL, PG, CE) of each task. KL, norm "task": 1 / (tasks of the step x the task's targeted
+def loss_weights(kl_tokens: int, n_tasks: int, total: list[int], norm: str) -> tuple[float, float, float]:
+    """Per-token weights (KL, PG, CE) of one task. KL, norm "task": 1 / (tasks of the step x the task's targeted
     tokens), so each task's token mean counts once and a task without targets counts as 0 (the authors'
     normalisation); "token": 1 / (targeted tokens of the step). PG: 1 / (sampled action tokens of the step).
     CE: 1 / (demonstration tokens of the step). total: the step's (KL, PG, CE) token counts over all ranks."""
-    out = []
-    for idx in groups:
-        _, rows, _, _ = teacher_contexts(tok, trajs, [tg for tg in sig.targets if tg.traj in idx], max_len)
-        kl_n = sum(map(len, rows))
-        w_kl = 1.0 / max(n_tasks * kl_n, 1) if norm == "task" else 1.0 / max(total[0], 1)
-        out.append((w_kl, 1.0 / max(total[1], 1), 1.0 / max(total[2], 1)))
-    return out
+    kl = n_tasks * kl_tokens if norm == "task" else total[0]
+    return 1.0 / max(kl, 1), 1.0 / max(total[1], 1), 1.0 / max(total[2], 1)
 
 
 def token_totals(trajs, groups, sig, tok, max_len) -> list[int]:
@@ -1157,9 +1042,10 @@ def task_losses(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_le
     and activation checkpointing act only there (the model has no other dropout)."""
     model.train()
     try:
-        for idx, w in zip(tqdm(groups, desc="  update", leave=False),
-                          loss_weights(trajs, groups, sig, tok, max_len, cfg.norm, n_tasks, total)):
-            yield task_loss(model, tok, trajs, idx, sig, teacher, cfg, max_len, w, teacher_cache)
+        for idx in tqdm(groups, desc="  update", leave=False):
+            losses, sums = task_loss(model, tok, trajs, idx, sig, teacher, cfg, max_len, teacher_cache)
+            w = loss_weights(sums.kl_tokens, n_tasks, total, cfg.norm)
+            yield (sum(x * wx for x, wx in zip(losses, w)) if losses else None), sums
     finally:
         model.eval()
 
@@ -1238,7 +1124,6 @@ def merge_and_save(model, out_dir: Path, master: bool = True) -> None:
     """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads
     (under FSDP2 every rank gathers the whole weights, rank 0 writes)."""
     if any(hasattr(p, "device_mesh") for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if master:
             model.save_pretrained(out_dir, state_dict=sd)
@@ -1305,19 +1190,16 @@ def lock_holder(lock: Path) -> str | None:
         host, _, pid = lock.read_text().partition(" ")
     except OSError:
         return None
-    if not pid.isdigit() or (host == socket.gethostname() and not pid_alive(int(pid))):
+    if not pid.isdigit():  # empty (a crash between creating and writing it) or garbled
         return None
-    return f"host {host}, pid {pid}"
-
-
-def pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        if host == socket.gethostname():
+            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
     except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return None
+    except PermissionError:  # it exists, under another user
+        pass
+    return f"host {host}, pid {pid}"
 
 
 # ----------------------------------------------------------------------------- 8. settings
@@ -1538,28 +1420,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tasks = CPU_TASKS.get(args.bench)
     if args.lora_targets == ["all"]:
         args.lora_targets = list(LORA_ALL)
-    if set(args.lora_targets) - set(LORA_ALL):
-        unknown = sorted(set(args.lora_targets) - set(LORA_ALL))
-        ap.error(f"--lora-targets: unknown projection(s) {unknown}; choose from {', '.join(LORA_ALL)} or 'all'")
-    if not 0 <= args.ema_rate <= 1:
-        ap.error("--ema-rate must be in [0, 1] (0.999 keeps 99.9% of the teacher per step)")
-    if not 0 <= args.lora_dropout < 1:
-        ap.error("--lora-dropout must be in [0, 1)")
-    if args.analyzer_top_p > 1:
-        ap.error("--analyzer-top-p must be in (0, 1]")
-    if args.method == "openclaw" and args.feedback not in ("ema", "policy", "initial"):
-        ap.error("--method openclaw: the judge is the policy; use --feedback ema, policy or initial")
-    if args.feedback == "oracle" and args.bench != "bfcl":
-        ap.error("--feedback oracle needs BFCL ground truth; use it with --bench bfcl")
-    if args.feedback == "external" and not args.analyzer_model:
-        ap.error("--feedback external needs --analyzer-model (a model, or the endpoint's model name with "
-                 "--analyzer-url)")
-    if args.turns and args.bench != "bfcl":
-        ap.error("--turns applies to BFCL only")
-    if args.action_format == "python" and args.action_protocol != "friendly":
-        ap.error("--action-format python needs --action-protocol friendly")
-    if args.sft_data and not Path(args.sft_data).is_file():
-        ap.error(f"--sft-data {args.sft_data}: no such file")
+    unknown = sorted(set(args.lora_targets) - set(LORA_ALL))
+    for bad, why in [
+            (unknown, f"--lora-targets: unknown projection(s) {unknown}; choose from {', '.join(LORA_ALL)} or 'all'"),
+            (not 0 <= args.ema_rate <= 1, "--ema-rate must be in [0, 1] (0.999 keeps 99.9% of the teacher per step)"),
+            (not 0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+            (args.analyzer_top_p > 1, "--analyzer-top-p must be in (0, 1]"),
+            (args.method == "openclaw" and args.feedback not in ("ema", "policy", "initial"),
+             "--method openclaw: the judge is the policy; use --feedback ema, policy or initial"),
+            (args.feedback == "oracle" and args.bench != "bfcl",
+             "--feedback oracle needs BFCL ground truth; use it with --bench bfcl"),
+            (args.feedback == "external" and not args.analyzer_model,
+             "--feedback external needs --analyzer-model (a model, or the endpoint's model name with --analyzer-url)"),
+            (args.turns and args.bench != "bfcl", "--turns applies to BFCL only"),
+            (args.action_format == "python" and args.action_protocol != "friendly",
+             "--action-format python needs --action-protocol friendly"),
+            (args.sft_data and not Path(args.sft_data).is_file(), f"--sft-data {args.sft_data}: no such file")]:
+        if bad:
+            ap.error(why)
     if not args.print_config:
         check_model_name(ap, args.model)
         check_run_dir(ap, args)
@@ -1622,7 +1500,6 @@ def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tup
 def peak_memory_gb(device) -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
 
 
@@ -1843,14 +1720,10 @@ def main(argv=None):
 
 def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
     # the tasks
-    tasks = envs.load_tasks(args.bench, "train", args.turns)
-    if args.tasks:
-        by_id = {t["id"]: t for t in tasks}
-        unknown = [i for i in args.tasks if i not in by_id]
-        if unknown:
-            raise SystemExit(f"--tasks: not in the {args.bench} train split: {unknown}")
-        tasks = [by_id[i] for i in args.tasks]
-    tasks = tasks[: args.limit]
+    try:
+        tasks = envs.load_tasks(args.bench, "train", args.turns, args.tasks)[: args.limit]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     tasks_by_id = {t["id"]: t for t in tasks}
     # resume: the newest intact checkpoint (rank 0 picks it), under the same settings; checked before the model loads
     state = None
@@ -1951,14 +1824,12 @@ def placed_like(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A whole tensor v, sharded as p is (or v itself when p is a plain tensor)."""
     if not hasattr(p, "device_mesh"):
         return v
-    from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
 
 
 def checkpoint_state(run: Run, step: int, rngs: list[dict]) -> dict:
     """Everything a resume needs, as whole CPU tensors (under FSDP2 every rank calls this; rank 0 saves it)."""
     if hasattr(run.params[0], "device_mesh"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         opt = get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(full_state_dict=True,
                                                                                     cpu_offload=True))
     else:
@@ -1982,7 +1853,6 @@ def load_state(run: Run, state: dict, args, device, world: int) -> int:
             for v, w in zip(sh.values, state["shadows"][k]):
                 v.copy_(placed_like(w, v))
     if hasattr(run.params[0], "device_mesh"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(run.model, run.opt, state["opt"], options=StateDictOptions(full_state_dict=True))
     else:
         run.opt.load_state_dict(state["opt"])
@@ -2014,7 +1884,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
     name: 'embedded' (the packaged default, built once into a cache), a Hugging Face id, a local model dir, or
     'random:DIR' (the config and tokenizer in DIR with random weights: real shapes for timing on a machine that
     cannot download weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     dtype = dtype or default_dtype(device)
     path = embedded_model(cache_dir or CACHE_DIR) if name == DEFAULT_MODEL else name
     try:
@@ -2094,7 +1963,6 @@ def join_embedded_gguf(dest: Path) -> Path:
 
 def build_embedded_cache(cache_dir: Path) -> Path:
     """GGUF parts -> dequantized float32 safetensors model dir, with a COMPLETE file listing every file's size."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     out = cache_dir / "qwen2.5-coder-0.5b-instruct"
     print(f"[hintsd] building the embedded model cache in {out} (about a minute)", file=sys.stderr)
     gguf = join_embedded_gguf(cache_dir / EMBEDDED_GGUF)

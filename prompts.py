@@ -1,5 +1,6 @@
 """
-The hindsight analyzer's prompts and parsers, the teacher's feedback message, and the per-step judge.
+What the model reads and what is asked of it: chats as exact token ids, the teacher's feedback message, the
+hindsight analyzer's prompts and parsers (and an endpoint client for a hosted analyzer), and the per-step judge.
 
 HINT-SD asks an analyzer (the policy's EMA copy, or a larger model) to read a whole failed rollout and name
 the failure-relevant steps, each with a short correction. The chosen steps become distillation targets, and
@@ -22,7 +23,12 @@ the action and what came back); parse_judgement reads its +-1 score and optional
 """
 
 import json
+import os
 import re
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 MAX_TRAJ_CHARS = 12_000     # the authors keep only the last 12k characters of the step log
 MAX_TASK_CHARS = 3_000      # compact view: the task is kept from its start, up to this (and max_chars // 4)
@@ -42,6 +48,70 @@ BENCH_NAMES = {"bfcl": "BFCL", "appworld": "AppWorld"}
 def feedback_message(feedback: str) -> dict:
     """The user message inserted right before the target action in the teacher's context."""
     return {"role": "user", "content": FEEDBACK_PREFIX + feedback.strip()}
+
+# ----------------------------------------------------------------------------- chats as exact token ids
+# A rollout keeps the exact ids the policy saw. The chat template renders the text around each message; the
+# message contents are encoded as plain text, so a "<|im_end|>" written by a model or a tool stays text.
+
+def valid_text(text) -> str:
+    """Text a tokenizer accepts: lone surrogates (a JSON "\\ud800" escape, say) become '?'."""
+    return str(text).encode("utf-8", "replace").decode("utf-8")
+
+
+SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while the template renders
+
+
+def render(tok, messages: list[dict], tools, gen_prompt: bool) -> tuple[str, list[str]]:
+    """The chat template's text with each message content replaced by a sentinel, and the contents."""
+    contents = [valid_text(m.get("content") or "").replace("\ue000", "").replace("\ue001", "") for m in messages]
+    marked = [{**m, "content": SENTINEL.format(i)} for i, m in enumerate(messages)]
+    text = tok.apply_chat_template(marked, tools=tools or None, tokenize=False, add_generation_prompt=gen_prompt)
+    return text, contents
+
+
+def encode_rendered(tok, text: str, contents: list[str]) -> list[int]:
+    """Token ids of rendered chat text: the template's own text with its special tokens, each message content as
+    plain text, so a "<|im_end|>" written by a model or an environment stays text and can never end a turn."""
+    ids = []
+    for i, piece in enumerate(re.split("\ue000(\\d+)\ue001", text)):
+        if i % 2:
+            ids += tok(contents[int(piece)], add_special_tokens=False, split_special_tokens=True).input_ids
+        elif piece:
+            ids += tok(piece, add_special_tokens=False).input_ids
+    return ids
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of plain text (special-token strings stay text)."""
+    return tok(valid_text(text), add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def prompt_ids(tok, messages: list[dict], tools) -> tuple[list[int], int]:
+    """Token ids of the whole chat plus the assistant header, and the header's length in tokens."""
+    (full, contents), (base, _) = render(tok, messages, tools, True), render(tok, messages, tools, False)
+    return encode_rendered(tok, full, contents), len(encode_rendered(tok, full[len(base):], contents))
+
+
+def continuation_ids(tok, messages: list[dict], new: list[dict], tools, end_text: str) -> tuple[list[int], int]:
+    """Token ids that follow an assistant action's end-of-turn token: the environment's new messages and the next
+    assistant header, cut from the rendered chat. Also returns the header's length in tokens."""
+    prev, _ = render(tok, messages, tools, False)
+    base, _ = render(tok, messages + new, tools, False)
+    full, contents = render(tok, messages + new, tools, True)
+    if not (full.startswith(base) and base.startswith(prev)):
+        raise ValueError("the chat template is not prefix-stable; cannot extend the rollout's token ids")
+    cut = prev.rindex(end_text) + len(end_text)
+    return encode_rendered(tok, full[cut:], contents), len(encode_rendered(tok, full[len(base):], contents))
+
+
+def feedback_ids(tok, text: str) -> list[int]:
+    """Token ids of the one user message that carries feedback, as the chat template renders it."""
+    ctx = [{"role": "system", "content": "-"}, {"role": "user", "content": "-"}]
+    (a, _), (b, contents) = render(tok, ctx, None, False), render(tok, ctx + [feedback_message(text)], None,
+                                                                  False)
+    assert b.startswith(a)
+    return encode_rendered(tok, b[len(a):], contents)
+
 
 # ----------------------------------------------------------------------------- authors view: a rollout as text
 
@@ -397,6 +467,34 @@ def parse_analysis(text, n_steps: int, variant: str = "multi", parser: str = "st
     except Exception:                   # the strict parser follows the authors; it must not stop training either
         return []
 
+# ----------------------------------------------------------------------------- a rollout's steps as text
+
+def output_text(s) -> str:
+    """What the environment answered a step (a hintsd.Step), as text."""
+    return "\n".join(str(m.get("content", "")) for m in s.output)
+
+
+def step_outputs(t) -> list[str]:
+    return [output_text(s) for s in t.steps]
+
+
+def step_requests(t) -> list[str]:
+    """The user request each step answers: the first query, or the new turn's message that ended the last turn."""
+    requests = {0: next((str(m["content"]) for m in t.messages if m["role"] == "user"), "")}
+    for s, nxt in zip(t.steps, t.steps[1:]):
+        if nxt.turn != s.turn:
+            requests[nxt.turn] = output_text(s)
+    return [requests.get(s.turn, "") for s in t.steps]
+
+
+def env_feedback(t, k: int) -> list[tuple[int, str]]:
+    """Table-3 'environment output' source, no analyzer: the first k steps whose output is an error (else the
+    last step), with the raw output as the feedback. Steps are 0-based."""
+    outs = step_outputs(t)
+    errs = [i for i, o in enumerate(outs) if "error" in o.lower()][:k] or [len(outs) - 1]
+    return [(i, f"The environment answered your previous attempt with: {outs[i][:500]}") for i in errs]
+
+
 # ----------------------------------------------------------------------------- the per-step judge (OpenClaw-RL)
 
 JUDGE_SYSTEM = ("You check one step of an AI agent that uses tools. You see the user's request, the agent's "
@@ -460,3 +558,30 @@ def parse_judgement(text: str) -> tuple[int, str] | None:
         return None
     except Exception:                   # a parser bug must never stop training
         return None
+
+# ----------------------------------------------------------------------------- an analyzer behind an endpoint
+
+def ask_endpoint(url: str, model_name: str, chats: list[list[dict]], max_tokens: int, temperature: float,
+                 top_p: float, timeout: float, retries: int = 3) -> list[str]:
+    """Answers from an OpenAI-compatible chat-completions endpoint (the standard library's HTTP client; the key,
+    if any, from $HINTSD_ANALYZER_KEY or $OPENAI_API_KEY). A timeout, an HTTP error or a malformed reply is
+    retried, then gives "" (a parse failure): an outside service never stops training."""
+    key = os.environ.get("HINTSD_ANALYZER_KEY") or os.environ.get("OPENAI_API_KEY")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def ask(chat):
+        body = json.dumps({"model": model_name, "messages": chat, "max_tokens": max_tokens,
+                           "temperature": temperature, "top_p": top_p}).encode()
+        for attempt in range(retries):
+            try:
+                req = urllib.request.Request(url, body, headers)
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    text = json.loads(r.read())["choices"][0]["message"]["content"]
+                return text if isinstance(text, str) else ""
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, timeouts, bad JSON
+                print(f"[hintsd] analyzer endpoint: {type(e).__name__}: {e} (try {attempt + 1}/{retries})",
+                      file=sys.stderr)
+                time.sleep(min(2 ** attempt, 10) if attempt + 1 < retries else 0)
+        return ""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(ask, chats))

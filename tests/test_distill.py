@@ -23,9 +23,9 @@ def test_rollout_keeps_exact_ids_and_spans_decode_to_the_actions(policy, trajs):
             assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") or len(ids) == 12
             assert tok.decode(ids[:-1] if ids[-1] in hintsd.eos_ids(tok, model) else ids) == s.text
         # the ids are what the policy saw: the rendered final chat is the same text (prompt + actions + outputs)
-        text, contents = hintsd.render(tok, t.messages, envs.make_env(envs.load_tasks("bfcl", "train")[0]).tools,
+        text, contents = prompts.render(tok, t.messages, envs.make_env(envs.load_tasks("bfcl", "train")[0]).tools,
                                        False)
-        assert tok.decode(hintsd.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens[:t.steps[-1].end]))
+        assert tok.decode(prompts.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens[:t.steps[-1].end]))
 
 
 def test_action_tokens_are_exactly_the_sampled_ids(trajs):
@@ -128,7 +128,7 @@ def test_step_loss_is_the_hand_computed_kl_with_its_gradient(policy, trajs):
     t = trajs[1]
     targets = [hintsd.Target(1, j, f"You should do step {j} right.") for j in range(len(t.steps))]
     sig = hintsd.Signal(targets=targets)
-    loss, sums = hintsd.task_loss(model, tok, trajs, [1], sig, ema, hintsd.LossConfig(topk=5), 1 << 20, (1.0, 0, 0))
+    (loss, _, _), sums = hintsd.task_loss(model, tok, trajs, [1], sig, ema, hintsd.LossConfig(topk=5), 1 << 20)
     loss.backward()
     got = [p.grad.clone() for p in params]
     for p in params:
@@ -136,7 +136,7 @@ def test_step_loss_is_the_hand_computed_kl_with_its_gradient(policy, trajs):
     s_rows, t_rows = [], []
     for tg in targets:  # the teacher first: entering the shadow writes the params in place
         s = t.steps[tg.step]
-        fb = hintsd.feedback_ids(tok, tg.feedback)
+        fb = prompts.feedback_ids(tok, tg.feedback)
         with torch.no_grad(), ema:
             ctx = t.tokens[:s.header] + fb + t.tokens[s.header:s.end]
             keep = torch.arange(s.start + len(fb) - 1, s.end + len(fb) - 1)  # logits only where needed: 152k vocab
@@ -177,11 +177,11 @@ def test_env_feedback_picks_error_steps_with_the_raw_output():
     step = lambda out: hintsd.Step(0, 0, 0, 0, "a", [], [{"role": "tool", "content": out}] if out else [])  # noqa
     t = hintsd.Trajectory("x", "c", [], steps=[step('{"ok": true}'), step('{"error": "No such file"}'),
                                                step("Error: unknown function 'x'."), step(None)])
-    assert hintsd.env_feedback(t, 1) == [(1, 'The environment answered your previous attempt with: '
+    assert prompts.env_feedback(t, 1) == [(1, 'The environment answered your previous attempt with: '
                                              '{"error": "No such file"}')]
-    assert [s for s, _ in hintsd.env_feedback(t, 3)] == [1, 2]
+    assert [s for s, _ in prompts.env_feedback(t, 3)] == [1, 2]
     clean = hintsd.Trajectory("x", "c", [], steps=t.steps[:1])
-    assert [s for s, _ in hintsd.env_feedback(clean, 3)] == [0]  # no error: the last step
+    assert [s for s, _ in prompts.env_feedback(clean, 3)] == [0]  # no error: the last step
 
 
 def test_full_finetuning_flag_trains_every_weight(tiny_qwen, tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 import envs
 import hintsd
+import prompts
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,9 @@ def test_embedded_greedy_equals_model_generate(embedded):
     model, tok = embedded
     chats = [[{"role": "user", "content": "Write a Python function that reverses a string."}],
              [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}]]
-    prompts = [hintsd.prompt_ids(tok, c, None)[0] for c in chats]
-    got = hintsd.generate(model, tok, prompts, max_new_tokens=24)
-    for p, c in zip(prompts, got):
+    ids = [prompts.prompt_ids(tok, c, None)[0] for c in chats]
+    got = hintsd.generate(model, tok, ids, max_new_tokens=24)
+    for p, c in zip(ids, got):
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              max_new_tokens=24, do_sample=False, eos_token_id=hintsd.eos_ids(tok, model),
                              pad_token_id=tok.pad_token_id)[0, len(p):].tolist()

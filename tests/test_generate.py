@@ -4,6 +4,7 @@ import torch
 
 import envs
 import hintsd
+import prompts
 
 
 class ByteTok:
@@ -116,7 +117,7 @@ def test_inactive_rows_write_nothing(tiny):
 def test_a_context_that_would_pass_max_len_is_stopped_and_counted(policy):
     model, tok = policy
     task = envs.load_tasks("bfcl", "train")[0]
-    prompt_len = len(hintsd.prompt_ids(tok, envs.make_env(task).reset(), envs.make_env(task).tools)[0])
+    prompt_len = len(prompts.prompt_ids(tok, envs.make_env(task).reset(), envs.make_env(task).tools)[0])
     cfg = hintsd.SamplingConfig(max_new_tokens=8, temperature=1.0, max_len=prompt_len + 30)
     [t] = hintsd.rollout(model, tok, [envs.make_env(task, max_steps=10)], cfg, [0])
     assert t.status == "overflow" and len(t.tokens) + 8 <= cfg.max_len + 30

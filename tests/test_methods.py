@@ -57,11 +57,11 @@ def test_policy_gradient_uses_the_sampled_tokens_and_their_rollout_logprobs(poli
     assert lp.shape == old.shape and torch.allclose(lp, old, atol=1e-3)
     cfg = hintsd.LossConfig()
     zero = hintsd.Signal(advantages=[[0.0] * len(t.steps) for t in trajs])
-    loss, sums = hintsd.task_loss(model, tok, trajs, [0, 1], zero, None, cfg, 1 << 20, (0, 1.0, 0))
-    assert loss is None and sums.pg_tokens == 0  # zero advantage: nothing to learn, nothing run
+    losses, sums = hintsd.task_loss(model, tok, trajs, [0, 1], zero, None, cfg, 1 << 20)
+    assert losses is None and sums.pg_tokens == 0  # zero advantage: nothing to learn, nothing run
     sig = hintsd.Signal(advantages=[[1.0] * len(trajs[0].steps), [-1.0] * len(trajs[1].steps)])
-    loss, sums = hintsd.task_loss(model, tok, trajs, [0, 1], sig, None, cfg, 1 << 20, (0, 1.0, 0))
-    loss.backward()
+    (_, pg, _), sums = hintsd.task_loss(model, tok, trajs, [0, 1], sig, None, cfg, 1 << 20)
+    pg.backward()
     assert sums.pg_tokens == failed_tokens(trajs)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     # on-policy: the loss is -sum(A) over the tokens (ratio 1)
@@ -69,7 +69,7 @@ def test_policy_gradient_uses_the_sampled_tokens_and_their_rollout_logprobs(poli
     assert abs(sums.pg - want) < 1e-2
     # per-step advantages (OpenClaw's judge scores): only the steps with a nonzero score are run
     one = hintsd.Signal(advantages=[[0.0] * (len(trajs[0].steps) - 1) + [-1.0], [0.0] * len(trajs[1].steps)])
-    _, sums = hintsd.task_loss(model, tok, trajs, [0, 1], one, None, cfg, 1 << 20, (0, 1.0, 0))
+    _, sums = hintsd.task_loss(model, tok, trajs, [0, 1], one, None, cfg, 1 << 20)
     assert sums.pg_tokens == trajs[0].steps[-1].end - trajs[0].steps[-1].start
 
 
@@ -83,10 +83,10 @@ def test_grpo_and_distillation_normalisers(policy, trajs):
     groups = [[0], [1]]
     total = hintsd.token_totals(trajs, groups, sig, tok, 1 << 20)
     assert total[:2] == [n0, sum(len(s.logprobs) for t in trajs for s in t.steps)]
-    w = hintsd.loss_weights(trajs, groups, sig, tok, 1 << 20, "task", 2, total)
-    assert w[0][0] == 1 / (2 * n0) and w[1][0] == 1.0  # task 2 has no target: its KL weight is never used
+    w = [hintsd.loss_weights(n, 2, total, "task") for n in (n0, 0)]  # task 2 has no target
+    assert w[0][0] == 1 / (2 * n0) and w[1][0] == 1.0  # (a KL weight without targets is never used)
     assert w[0][1] == w[1][1] == 1 / total[1]
-    w = hintsd.loss_weights(trajs, groups, sig, tok, 1 << 20, "token", 2, total)
+    w = [hintsd.loss_weights(n, 2, total, "token") for n in (n0, 0)]
     assert w[0][0] == w[1][0] == 1 / n0
 
 
@@ -103,7 +103,7 @@ def test_sdpo_places_feedback_before_the_first_action_and_masks_every_action_tok
     # teacher = one full forward of prefix + feedback + the whole rollout, read at every action token
     t = trajs[0]
     ctxs, rows, served, _ = hintsd.teacher_contexts(tok, trajs, [tg for tg in targets if tg.traj == 0], 1 << 20)
-    fb = hintsd.feedback_ids(tok, "You should list files.")
+    fb = prompts.feedback_ids(tok, "You should list files.")
     h0 = t.steps[0].header
     assert ctxs == [t.tokens[:h0] + fb + t.tokens[h0:t.steps[-1].end]] and len(served[0]) == len(t.steps)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_openclaw_judges_every_step_and_places_each_hint_at_its_own_step(policy,
     for (i, j), chat in zip(pairs, seen):                        # each call reads that step's action and outcome
         s = trajs[i].steps[j]
         assert s.text.strip() in chat[1]["content"] or len(s.text) > 1400
-        assert hintsd.output_text(s).strip()[:200] in chat[1]["content"]
+        assert prompts.output_text(s).strip()[:200] in chat[1]["content"]
     hinted = [p for p, a in zip(pairs, answers) if '"hint": "You' in a]
     assert [(tg.traj, tg.step) for tg in targets] == hinted and all(tg.at_step is None for tg in targets)
     assert failures == sum(a == "no idea" for a in answers[:n])
@@ -141,15 +141,15 @@ def test_openclaw_judges_every_step_and_places_each_hint_at_its_own_step(policy,
     t, tg = trajs[targets[0].traj], targets[0]
     [ctx], _, _, _ = hintsd.teacher_contexts(tok, trajs, [tg], 1 << 20)
     s = t.steps[tg.step]
-    assert ctx == t.tokens[:s.header] + hintsd.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.end]
+    assert ctx == t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.end]
 
 
 def test_step_requests_follow_the_turns(trajs):
     t = trajs[0]
-    reqs = hintsd.step_requests(t)
+    reqs = prompts.step_requests(t)
     first = next(m["content"] for m in t.messages if m["role"] == "user")
     for s, req in zip(t.steps, reqs):
-        assert req == first if s.turn == 0 else req == hintsd.output_text(t.steps[[x.turn for x in t.steps].index(
+        assert req == first if s.turn == 0 else req == prompts.output_text(t.steps[[x.turn for x in t.steps].index(
             s.turn) - 1])
 
 
@@ -169,9 +169,9 @@ def test_sft_loss_is_cross_entropy_on_the_action_tokens(policy, trajs):
     model, params = lora_copy(policy[0], 0.1)
     t = trajs[0]
     n = sum(s.end - s.start for s in t.steps)
-    loss, sums = hintsd.task_loss(model, tok, [t], [0], hintsd.Signal(ce=True), None, hintsd.LossConfig(), 1 << 20,
-                                  (0, 0, 1.0 / n))
-    loss.backward()
+    (_, _, ce), sums = hintsd.task_loss(model, tok, [t], [0], hintsd.Signal(ce=True), None, hintsd.LossConfig(),
+                                        1 << 20)
+    (ce / n).backward()
     mine = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
@@ -196,8 +196,8 @@ def test_ground_truth_replay_is_a_successful_rollout_without_the_model(policy, p
     assert [s.text for s in t.steps] == env.ground_truth_actions() and all(not s.logprobs for s in t.steps)
     for s in t.steps:  # spans hold exactly the action ids; the rendered chat equals the ids
         assert tok.decode(t.tokens[s.start:s.end]) == s.text + "<|im_end|>"
-    text, contents = hintsd.render(tok, t.messages, env.tools, False)
-    assert tok.decode(hintsd.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens))
+    text, contents = prompts.render(tok, t.messages, env.tools, False)
+    assert tok.decode(prompts.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens))
 
 
 def test_sft_dataset_adds_successful_external_trajectories_and_skips_bad_lines(policy, tmp_path, capsys):
@@ -231,8 +231,8 @@ def test_rollout_with_replayed_prefix_and_hint(policy):
     assert not target.steps[0].logprobs and len(target.steps) > 2 and target.steps[2].logprobs
     assert all(fb not in s.output for s in target.steps)  # the hint is ours, not what the environment said
     for t in (start, target):  # the token ids are the rendered chat, hint included
-        text, contents = hintsd.render(tok, t.messages, env.tools, False)
-        assert tok.decode(hintsd.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens))
+        text, contents = prompts.render(tok, t.messages, env.tools, False)
+        assert tok.decode(prompts.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens))
 
 
 # ----------------------------------------------------------------------------- every method from the CLI

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hintsd
+import prompts
 from conftest import lora_copy
 
 PAPER = {"lora_rank": 32, "lora_alpha": 64.0, "lora_dropout": 0.05, "lora_targets": ["q_proj", "v_proj"],
@@ -56,7 +57,7 @@ def test_task_normalisation_against_a_hand_computation(policy, trajs):
     t_rows = {0: [], 1: []}
     for tg in targets:  # by hand, with plain forwards: the teacher first (entering the shadow writes the params)
         t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
-        fb = hintsd.feedback_ids(tok, tg.feedback)
+        fb = prompts.feedback_ids(tok, tg.feedback)
         with torch.no_grad(), ema:
             keep = torch.arange(s.start + len(fb) - 1, s.end + len(fb) - 1)
             ctx = t.tokens[:s.header] + fb + t.tokens[s.header:s.end]
@@ -172,17 +173,17 @@ def test_endpoint_answers_and_failures_are_parse_failures_never_errors(endpoint,
     monkeypatch.setenv("HINTSD_ANALYZER_KEY", "sk-test")
     chat = [{"role": "user", "content": "hi"}]
     state.replies = [answer("first"), "not json", {"choices": []}, answer(None)]
-    assert hintsd.ask_endpoint(endpoint, "gpt-x", [chat], 64, 0.6, 0.95, 5, retries=1) == ["first"]
+    assert prompts.ask_endpoint(endpoint, "gpt-x", [chat], 64, 0.6, 0.95, 5, retries=1) == ["first"]
     body, auth = state.requests[0]
     assert body == {"model": "gpt-x", "messages": chat, "max_tokens": 64, "temperature": 0.6, "top_p": 0.95}
     assert auth == "Bearer sk-test"
-    assert hintsd.ask_endpoint(endpoint, "gpt-x", [chat] * 3, 64, 0.6, 0.95, 5, retries=1) == ["", "", ""]
+    assert prompts.ask_endpoint(endpoint, "gpt-x", [chat] * 3, 64, 0.6, 0.95, 5, retries=1) == ["", "", ""]
     state.replies, state.delay = [answer("late")] * 2, 1.5  # slower than the timeout: retried, then ""
     t0 = time.time()
-    assert hintsd.ask_endpoint(endpoint, "gpt-x", [chat], 64, 0.6, 0.95, 0.5, retries=2) == [""]
+    assert prompts.ask_endpoint(endpoint, "gpt-x", [chat], 64, 0.6, 0.95, 0.5, retries=2) == [""]
     assert time.time() - t0 < 6
     dead = endpoint.replace(endpoint.split(":")[2].split("/")[0], "9")  # port 9: nothing listens
-    assert hintsd.ask_endpoint(dead, "gpt-x", [chat], 64, 0.6, 0.95, 2, retries=1) == [""]
+    assert prompts.ask_endpoint(dead, "gpt-x", [chat], 64, 0.6, 0.95, 2, retries=1) == [""]
 
 
 def test_external_analyzer_endpoint_drives_training(tiny_qwen, tmp_path, endpoint):
