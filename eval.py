@@ -365,65 +365,65 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     mode.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                       help="write success.png, kl.png, target_steps.png of training runs and exit")
     ap.add_argument("--plot-out", default=None, metavar="DIR", help="where --plot writes (default: RUN_DIR/plots)")
-    a = ap.parse_args(argv)
-    if a.plot_out is not None and not a.plot:
+    args = ap.parse_args(argv)
+    if args.plot_out is not None and not args.plot:
         ap.error("--plot-out goes with --plot RUN_DIR...")
-    if a.compare or a.target_steps or a.plot:
-        return ap, a
+    if args.compare or args.target_steps or args.plot:
+        return ap, args
     # an eval: every setting resolved and every flag checked before any task or model is loaded
-    a.preset = a.preset if a.preset != "auto" else ("cpu" if a.device == "cpu" else "paper")
+    args.preset = args.preset if args.preset != "auto" else ("cpu" if args.device == "cpu" else "paper")
     for key in EVAL_SETTINGS:
-        if getattr(a, key) is None:
-            setattr(a, key, hintsd.PRESETS[a.preset][key])
-    if a.bench == "bfcl" and a.action_protocol == "authors" and a.action_format != "json":
-        ap.error(f"--action-format {a.action_format} needs --action-protocol friendly (the authors' protocol "
+        if getattr(args, key) is None:
+            setattr(args, key, hintsd.PRESETS[args.preset][key])
+    if args.bench == "bfcl" and args.action_protocol == "authors" and args.action_format != "json":
+        ap.error(f"--action-format {args.action_format} needs --action-protocol friendly (the authors' protocol "
                  f"takes <tool_call> JSON only)")
-    if a.turns is not None and a.bench != "bfcl":
-        ap.error(f"--turns cuts BFCL tasks by user turn; {a.bench} tasks have one instruction, drop --turns")
-    hintsd.check_model_name(ap, a.model)
-    hintsd.check_device(ap, a.device)
-    a.out = a.out or f"runs/eval-{a.split}"
-    out = Path(a.out)
-    if out.is_dir() and any(out.iterdir()) and not a.overwrite:
-        ap.error(f"--out {a.out} is not empty; name a fresh directory, or pass --overwrite to replace its results")
-    hintsd.check_out_dir(ap, a.out)
-    return ap, a
+    if args.turns is not None and args.bench != "bfcl":
+        ap.error(f"--turns cuts BFCL tasks by user turn; {args.bench} tasks have one instruction, drop --turns")
+    hintsd.check_model_name(ap, args.model)
+    hintsd.check_device(ap, args.device)
+    args.out = args.out or f"runs/eval-{args.split}"
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        ap.error(f"--out {args.out} is not empty; name a fresh directory, or pass --overwrite to replace its results")
+    hintsd.check_out_dir(ap, args.out)
+    return ap, args
 
 
 def main(argv=None):
-    ap, a = parse_args(argv)
-    if a.compare or a.target_steps:
-        text = compare(a.compare) if a.compare else target_step_table(a.target_steps)
+    ap, args = parse_args(argv)
+    if args.compare or args.target_steps:
+        text = compare(args.compare) if args.compare else target_step_table(args.target_steps)
         if text is None:
-            ap.error(f"--{'compare' if a.compare else 'target-steps'}: no usable "
-                       f"{'summary.json' if a.compare else 'metrics.jsonl'} in the given dirs")
+            ap.error(f"--{'compare' if args.compare else 'target-steps'}: no usable "
+                       f"{'summary.json' if args.compare else 'metrics.jsonl'} in the given dirs")
         print(text)
         return
-    if a.plot:
-        runs = [r for r in map(load_run, a.plot) if r is not None]
+    if args.plot:
+        runs = [r for r in map(load_run, args.plot) if r is not None]
         if not runs:
             ap.error("--plot: no usable metrics.jsonl or curve.jsonl in the given dirs")
-        out = hintsd.check_out_dir(ap, a.plot_out or str(runs[0]["dir"] / "plots"), "--plot-out")
+        out = hintsd.check_out_dir(ap, args.plot_out or str(runs[0]["dir"] / "plots"), "--plot-out")
         for p in plot_runs(runs, out):
             print(p)
         return
     try:
-        tasks = envs.load_tasks(a.bench, a.split, a.turns, a.tasks)[: a.limit]
+        tasks = envs.load_tasks(args.bench, args.split, args.turns, args.tasks)[: args.limit]
     except ValueError as e:
         ap.error(str(e))
     if not tasks:
-        ap.error(f"--split {a.split}: no {a.bench} tasks")
-    ddp, rank, world, device = hintsd.init_distributed(a.device)  # under torchrun: each rank its share of tasks
-    model, tok = hintsd.load_model(a.model, device, getattr(torch, a.dtype) if a.dtype else None)
-    cfg = hintsd.SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
-    settings = {"split": a.split, "limit": a.limit, "turns": a.turns, "model": a.model, "device": a.device,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "preset": a.preset,
-                "top_p": cfg.top_p, **{key: getattr(a, key) for key in EVAL_SETTINGS}}
-    out = Path(a.out)
+        ap.error(f"--split {args.split}: no {args.bench} tasks")
+    ddp, rank, world, device = hintsd.init_distributed(args.device)  # under torchrun: each rank its share of tasks
+    model, tok = hintsd.load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else None)
+    cfg = hintsd.SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len)
+    settings = {"split": args.split, "limit": args.limit, "turns": args.turns, "model": args.model,
+                "device": args.device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "preset": args.preset, "top_p": cfg.top_p, **{key: getattr(args, key) for key in EVAL_SETTINGS}}
+    out = Path(args.out)
     if ddp and rank == 0:
         (out / "summary.json").unlink(missing_ok=True)
-    summary = evaluate(model, tok, tasks[rank::world], a.k, cfg, a.action_format, a.max_env_steps, a.seed,
-                       out / f".rank-{rank}" if ddp else out, protocol=a.action_protocol, settings=settings)
+    summary = evaluate(model, tok, tasks[rank::world], args.k, cfg, args.action_format, args.max_env_steps, args.seed,
+                       out / f".rank-{rank}" if ddp else out, protocol=args.action_protocol, settings=settings)
     if ddp:  # every rank has written its part: rank 0 joins them in task order, as one process would have
         torch.distributed.barrier()
         if rank == 0:

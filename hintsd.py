@@ -7,7 +7,7 @@
 
 Reading order:
   1. generation      KVCache (a length per row), kv_attention, prefill / decode_one_token / sample / decode_n_tokens
-  2. rollouts        rollout(): the policy plays environments, keeping its exact token ids
+  2. rollouts        rollout(): the policy plays environments, keeping its exact token ids (from prompts.py)
   3. the losses      reverse_kl_loss(): KL(student || teacher) on the targeted tokens; clipped_pg_loss()
   4. LoRA, EMA       LoRALinear, add_lora, Shadow (a second set of adapter values: the EMA teacher)
   5. signals         what each method learns from: hindsight targets, advantages, demonstrations
@@ -366,7 +366,8 @@ def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128
 
 # ----------------------------------------------------------------------------- 2. rollouts
 # A trajectory keeps the exact token ids the policy saw and sampled. Training reads the action spans straight from
-# these positions and never re-tokenizes text (re-tokenizing a chat does not round-trip).
+# these positions and never re-tokenizes text (re-tokenizing a chat does not round-trip). prompts.prompt_ids and
+# prompts.continuation_ids cut the ids of each new piece of the chat from the chat template's rendering.
 @dataclass
 class Step:
     turn: int              # the task's user turn this action answers (0-based)
@@ -930,18 +931,17 @@ def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_le
     the contexts, the rows to read in each (for each of its targets, in order), the targets served, and the
     number skipped because their context would pass max_len."""
     groups: dict[tuple, list[Target]] = {}
-    for tg in targets:
-        t = trajs[tg.traj]
-        at = t.steps[tg.step if tg.at_step is None else tg.at_step].header
-        groups.setdefault((tg.traj, at, tg.feedback), []).append(tg)
+    for tg in targets:  # cut: the token position where the feedback goes (a step's header)
+        cut = trajs[tg.traj].steps[tg.step if tg.at_step is None else tg.at_step].header
+        groups.setdefault((tg.traj, cut, tg.feedback), []).append(tg)
     ctxs, rows, served, skipped = [], [], [], 0
-    for (i, at, text), tgs in groups.items():
+    for (i, cut, text), tgs in groups.items():
         t, fb = trajs[i], prompts.feedback_ids(tok, text)
         end = max(t.steps[tg.step].end for tg in tgs)
         if end + len(fb) > max_len:
             skipped += len(tgs)
             continue
-        ctxs.append(t.tokens[:at] + fb + t.tokens[at:end])
+        ctxs.append(t.tokens[:cut] + fb + t.tokens[cut:end])
         rows.append([j + len(fb) - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
         served.append(tgs)
     return ctxs, rows, served, skipped
@@ -1556,50 +1556,50 @@ def step_config(args) -> StepConfig:
         LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
 
 
-def train_step(run: Run, c: StepConfig, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
+def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
                ) -> tuple[dict, list[dict], list[str]]:
     """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA.
     batch: this rank's (index in the step, task) pairs (sft: demonstrations). Returns the metrics row (summed
     over ranks), this rank's rollouts with their targets, and the raw analyzer / judge answers."""
-    model, tok, max_len, fsdp = run.model, run.tok, c.sampling.max_len, ddp and c.full_finetune
+    model, tok, max_len, fsdp = run.model, run.tok, cfg.sampling.max_len, ddp and cfg.full_finetune
     if fsdp:  # ranks play different episodes, so no collective may run until the one synced backward at the end
         hold_whole(model, True)
     t0 = time.time()
     # rollouts: n per task, all tasks of this rank in one batch; each rollout's draws seeded by (step, task, n)
-    if c.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
+    if cfg.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
         trajs, groups = [demo for _, demo in batch], [[i] for i in range(len(batch))]
     else:
-        make = lambda task: envs.make_env(task, c.action_format, c.max_env_steps, c.action_protocol)  # noqa: E731
+        make = lambda task: envs.make_env(task, cfg.action_format, cfg.max_env_steps, cfg.action_protocol)  # noqa: E731
         with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
-            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(c.rollouts)], c.sampling,
-                            [seed_of(c.seed, step, j, r) for j, _ in batch for r in range(c.rollouts)], bar)
-        groups = [list(range(g * c.rollouts, (g + 1) * c.rollouts)) for g in range(len(batch))]
+            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(cfg.rollouts)], cfg.sampling,
+                            [seed_of(cfg.seed, step, j, r) for j, _ in batch for r in range(cfg.rollouts)], bar)
+        groups = [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
     t1 = time.time()
     # the learning signal
-    sig, answers, failures = Signal(ce=c.method == "sft"), [], 0
-    if c.method in ("hintsd", "sdpo"):
-        h = select_targets(model, tok, trajs, c.analyzer, c.variant, c.bench, run.shadows, tasks_by_id,
-                           c.action_format, c.action_protocol, seed_of(c.seed, step, "analysis"), run.external)
-        sig.targets = h.targets if c.method == "hintsd" else sdpo_targets(trajs, h.targets)
+    sig, answers, failures = Signal(ce=cfg.method == "sft"), [], 0
+    if cfg.method in ("hintsd", "sdpo"):
+        h = select_targets(model, tok, trajs, cfg.analyzer, cfg.variant, cfg.bench, run.shadows, tasks_by_id,
+                           cfg.action_format, cfg.action_protocol, seed_of(cfg.seed, step, "analysis"), run.external)
+        sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
         answers, failures = h.answers, h.parse_failures
-    elif c.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
-        with run.shadows.get(c.analyzer.source) or nullcontext():
-            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, c.analyzer.tokens,
-                                                                         seed_of(c.seed, step, "judge"))
-    elif c.method == "grpo":
-        adv = group_advantages([t.reward for t in trajs], c.rollouts)
+    elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
+        with run.shadows.get(cfg.analyzer.source) or nullcontext():
+            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, cfg.analyzer.tokens,
+                                                                         seed_of(cfg.seed, step, "judge"))
+    elif cfg.method == "grpo":
+        adv = group_advantages([t.reward for t in trajs], cfg.rollouts)
         sig.advantages = [[x] * len(t.steps) for x, t in zip(adv, trajs)]
     t2 = time.time()
     # the update: gradients of the step's loss (normalised over every rank's tokens), then AdamW and the EMA
     # (also on a step without targets, as the authors' trainer does: zero gradients still move Adam's moments)
-    teacher = run.shadows["ema"] if c.teacher == "ema" else None
+    teacher = run.shadows["ema"] if cfg.teacher == "ema" else None
     total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, max_len), ddp)]
     for p in run.params:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-    cache = {} if c.after_check else None
+    cache = {} if cfg.after_check else None
     if fsdp:  # gradients accumulate locally; one zero-loss backward on every rank reduce-scatters them
         model.set_requires_gradient_sync(False)
-    sums = update(model, tok, trajs, groups, sig, teacher, c.loss, max_len, c.tasks_per_step, total, cache)
+    sums = update(model, tok, trajs, groups, sig, teacher, cfg.loss, max_len, cfg.tasks_per_step, total, cache)
     if fsdp:
         model.set_requires_gradient_sync(True)
         hold_whole(model, False)
@@ -1610,18 +1610,18 @@ def train_step(run: Run, c: StepConfig, step: int, batch: list[tuple[int, dict]]
         for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
             p.grad.copy_(g.view_as(p))
     lr = run.opt.param_groups[0]["lr"]  # the rate this step uses
-    if c.method != "initial":
+    if cfg.method != "initial":
         torch.nn.utils.clip_grad_norm_(run.params, 1.0)
         run.opt.step()
         run.sched.step()
-        run.shadows["ema"].ema_update(c.ema_rate)
-    after = measure(model, tok, trajs, groups, sig, c.loss, max_len, cache) if cache is not None and (
+        run.shadows["ema"].ema_update(cfg.ema_rate)
+    after = measure(model, tok, trajs, groups, sig, cfg.loss, max_len, cache) if cache is not None and (
         sums.kl_tokens or sums.ce_tokens) else None  # the same targets (and teacher logits), after the update
     t3 = time.time()
-    row = metrics_row(c.method, trajs, sig, sums, after, failures, (t1 - t0, t2 - t1, t3 - t2), model.device, ddp,
+    row = metrics_row(cfg.method, trajs, sig, sums, after, failures, (t1 - t0, t2 - t1, t3 - t2), model.device, ddp,
                       lr)
-    owner = [j for j, _ in batch for _ in range(c.rollouts)]
-    records = [] if c.method == "sft" else [
+    owner = [j for j, _ in batch for _ in range(cfg.rollouts)]
+    records = [] if cfg.method == "sft" else [
         {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
                                                      for tg in sig.targets if tg.traj == i]}
         for i, (t, j) in enumerate(zip(trajs, owner))]
