@@ -761,7 +761,7 @@ def sft_dataset(model, tok, tasks: list[dict], action_format: str, protocol: str
     by_id, runs = {t["id"]: t for t in tasks}, []
     if tasks and tasks[0].get("bench") != "appworld":
         runs = [(t, envs.make_env(t, action_format, protocol=protocol).ground_truth_actions()) for t in tasks]
-    for n, line in enumerate(open(extra, encoding="utf-8") if extra else [], 1):
+    for n, line in enumerate(Path(extra).read_text(encoding="utf-8").splitlines() if extra else [], 1):
         try:
             d = json.loads(line)
             acts = d.get("actions") or [m["content"] for m in d["messages"] if m.get("role") == "assistant"]
