@@ -107,8 +107,7 @@ def continuation_ids(tok, messages: list[dict], new: list[dict], tools, end_text
 def feedback_ids(tok, text: str) -> list[int]:
     """Token ids of the one user message that carries feedback, as the chat template renders it."""
     ctx = [{"role": "system", "content": "-"}, {"role": "user", "content": "-"}]
-    (a, _), (b, contents) = render(tok, ctx, None, False), render(tok, ctx + [feedback_message(text)], None,
-                                                                  False)
+    (a, _), (b, contents) = render(tok, ctx, None, False), render(tok, ctx + [feedback_message(text)], None, False)
     assert b.startswith(a)
     return encode_rendered(tok, b[len(a):], contents)
 

@@ -85,12 +85,10 @@ def main():
     hintsd.check_device(ap, a.device)
     hintsd.check_model_name(ap, a.model)
     hintsd.check_out_dir(ap, a.out)
-    tasks = envs.load_tasks(a.bench, a.split, a.turns)
-    if a.tasks:
-        tasks = [t for t in tasks if t["id"] in set(a.tasks)]
-        if len(tasks) != len(set(a.tasks)):
-            raise SystemExit(f"--tasks: some ids are not in the {a.bench} {a.split} split")
-    tasks = tasks[: a.limit]
+    try:
+        tasks = envs.load_tasks(a.bench, a.split, a.turns, a.tasks)[: a.limit]
+    except ValueError as e:
+        ap.error(str(e))
     model, tok = hintsd.load_model(a.model, a.device)
     cfg = hintsd.SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
     analyzer = hintsd.AnalyzerConfig(a.feedback, a.analyzer_prompt,

@@ -24,7 +24,7 @@ def test_rollout_keeps_exact_ids_and_spans_decode_to_the_actions(policy, trajs):
             assert tok.decode(ids[:-1] if ids[-1] in hintsd.eos_ids(tok, model) else ids) == s.text
         # the ids are what the policy saw: the rendered final chat is the same text (prompt + actions + outputs)
         text, contents = prompts.render(tok, t.messages, envs.make_env(envs.load_tasks("bfcl", "train")[0]).tools,
-                                       False)
+                                        False)
         assert tok.decode(prompts.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens[:t.steps[-1].end]))
 
 
@@ -178,7 +178,7 @@ def test_env_feedback_picks_error_steps_with_the_raw_output():
     t = hintsd.Trajectory("x", "c", [], steps=[step('{"ok": true}'), step('{"error": "No such file"}'),
                                                step("Error: unknown function 'x'."), step(None)])
     assert prompts.env_feedback(t, 1) == [(1, 'The environment answered your previous attempt with: '
-                                             '{"error": "No such file"}')]
+                                              '{"error": "No such file"}')]
     assert [s for s, _ in prompts.env_feedback(t, 3)] == [1, 2]
     clean = hintsd.Trajectory("x", "c", [], steps=t.steps[:1])
     assert [s for s, _ in prompts.env_feedback(clean, 3)] == [0]  # no error: the last step
