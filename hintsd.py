@@ -1438,6 +1438,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             (args.sft_data and not Path(args.sft_data).is_file(), f"--sft-data {args.sft_data}: no such file")]:
         if bad:
             ap.error(why)
+    if args.tasks:
+        try:
+            envs.load_tasks(args.bench, "train", args.turns, args.tasks)
+        except ValueError as e:
+            ap.error(str(e))
     if not args.print_config:
         check_model_name(ap, args.model)
         check_run_dir(ap, args)
@@ -1720,10 +1725,7 @@ def main(argv=None):
 
 def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
     # the tasks
-    try:
-        tasks = envs.load_tasks(args.bench, "train", args.turns, args.tasks)[: args.limit]
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    tasks = envs.load_tasks(args.bench, "train", args.turns, args.tasks)[: args.limit]  # ids checked by parse_args
     tasks_by_id = {t["id"]: t for t in tasks}
     # resume: the newest intact checkpoint (rank 0 picks it), under the same settings; checked before the model loads
     state = None

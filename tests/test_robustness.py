@@ -712,12 +712,15 @@ def test_bad_flag_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatc
         paths["readonly"].chmod(0o755)
 
 
-def test_unknown_task_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    """Item 10: --tasks with an id not in the train split: a clean SystemExit naming --tasks, before the model."""
+def test_unknown_task_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Item 10: --tasks with an id not in the train split: a parse error (exit 2) naming the id, before the model
+    and before the run dir is made."""
     monkeypatch.setattr(hintsd, "load_model", no_model)
     with pytest.raises(SystemExit) as e:
         hintsd.main(["--out", str(tmp_path / "run"), "--tasks", "multi_turn_base_999999"])
-    assert "--tasks" in str(e.value.code)
+    assert e.value.code == 2 and "--tasks: not in the bfcl train split: ['multi_turn_base_999999']" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_lora_target_is_a_clean_error(tiny_qwen, tmp_path, capsys):
