@@ -15,8 +15,9 @@ Methods, each in OUT/<method>: its training run (a hintsd.py run dir) in run/, i
   initial        no training: the base model's evaluation (it cannot change; its line is flat by definition)
 Every --eval-every steps, and at step 0, the trained tasks are evaluated (k rollouts each, temperature 0.6,
 rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. An interrupted run
-resumes where it stopped (training from its checkpoints; evaluation points already in curve.jsonl are kept). OUT/summary.md holds the table; for hintsd-ema also the analyzer's
-parse failures and how often its first target is the oracle's first wrong step.
+resumes where it stopped (training from its checkpoints; evaluation points already in curve.jsonl are kept).
+OUT/summary.md holds the table; for hintsd-ema also the analyzer's parse failures and how often its first target
+is the oracle's first wrong step.
 """
 import argparse
 import json
