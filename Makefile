@@ -4,6 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BFCL := bfcl-eval==2026.3.23
+# the exact versions `make` installs (requirements.txt holds ranges); `make setup PINS=` keeps what a venv has
+PINS ?= torch==2.13.0 transformers==5.24.0 tokenizers==0.23.3 gguf==0.19.0 accelerate==1.15.0
 APPWORLD_VENV ?= .venv-appworld
 APPWORLD := appworld==0.1.3.post1
 
@@ -13,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt $(PINS)
 	$(PY) -m pip install -q --no-deps $(BFCL)
 	touch $@
 

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard  # (transformers imports these two anyway)
 from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.masking_utils import sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import envs
@@ -103,46 +104,71 @@ class KVCache:
         return min(self.capacity + 1, -(-(max(self.bound) + n_new) // 256) * 256)
 
 
-def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv=None, **kwargs):
-    """The model's attention while we generate. kv = (cache, slot, pos, mask) from forward_tokens: the keys and
-    values of the T new tokens go into the cache at slot [B, T] (padding into the scratch column), then each query
-    attends where mask [B, T, width] is true (its row's tokens up to itself; pos [B, T] are the token positions).
-    query [B, H, T, D]; key, value [B, kv_heads, T, D]. Without kv it is the model's usual SDPA attention."""
+def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv=None, pack=None, **kwargs):
+    """The model's attention in every forward once use_kv_attention(model) ran (transformers knows it as "hintsd").
+    The layer's own sliding window and attention-logit softcap (kwargs) apply on every path.
+    Generating, kv = (cache, slot, pos, mask) from forward_tokens: the keys and values of the T new tokens go into
+    the cache at slot [B, T] (padding into the scratch column), then each query attends where mask [B, T, width] is
+    true (its row's tokens up to itself; pos [B, T] are the token positions).
+    Otherwise it is plain attention under attention_mask, which transformers builds as for SDPA, or which
+    packed_logits passes: then pack = (pos [T], masks) gives the token positions, for the window, and a cache.
+    query [B, H, T, D]; key, value [B, kv_heads, T, D]. Returns ([B, T, H, D], None)."""
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if kv is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    if kwargs.get("softcap"):
-        raise NotImplementedError("attention logit softcapping is not supported by the hintsd generator")
+        if pack is not None and window:  # a packed forward's block mask, within the window of this layer
+            pos, masks = pack
+            if window not in masks:
+                masks[window] = attention_mask & (pos[:, None] - pos[None, :] < window)
+            attention_mask = masks[window]
+        return attend(module, query, key, value, attention_mask, scaling, dropout, softcap), None
     cache, slot, pos, mask = kv
     rows, width = torch.arange(query.shape[0], device=query.device)[:, None], mask.shape[-1]
     K, V = cache.k[module.layer_idx], cache.v[module.layer_idx]
     K[rows, :, slot] = key.transpose(1, 2).to(K.dtype)
     V[rows, :, slot] = value.transpose(1, 2).to(V.dtype)
-    if kwargs.get("sliding_window"):
-        mask = mask & (torch.arange(width, device=query.device) > pos[..., None] - kwargs["sliding_window"])
+    if window:
+        mask = mask & (torch.arange(width, device=query.device) > pos[..., None] - window)
     K, V = K[:, :, :width], V[:, :, :width]
-    if query.shape[2] > 1:  # prefill: SDPA (transformers repeats the kv heads for it; amortised over T queries)
-        return sdpa_attention_forward(module, query, K, V, mask[:, None], scaling=scaling)
+    if query.shape[2] > 1:  # prefill (amortised over T queries)
+        return attend(module, query, K, V, mask[:, None], scaling, 0.0, softcap), None
     # decode: grouped-query attention by hand, so each cached key and value is read once (SDPA with a mask would
     # first copy them once per query head of their group, every token)
     B, H, _, D = query.shape
     q = query.reshape(B, K.shape[1], H // K.shape[1], D)           # [B, kv_heads, group, D]
     scores = (q @ K.transpose(-1, -2)).float() * (scaling or D ** -0.5)  # [B, kv_heads, group, width]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     p = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1).to(V.dtype)  # mask: [B, 1, 1, width]
     return (p @ V).reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
 
+def attend(module, query, key, value, mask, scaling, dropout, softcap):
+    """Attention of query [B, H, T, D] over key, value [B, kv_heads, S, D] where the bool mask [B or 1, 1, T, S] is
+    true (None: causal, the last T of the S positions): PyTorch's SDPA, or by hand when the layer softcaps its
+    attention logits (Gemma-2), which SDPA cannot. Returns [B, T, H, D]."""
+    if not softcap:
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout)[0]
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = (query @ key.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5)  # [B, H, T, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).to(value.dtype)
+    p = torch.nn.functional.dropout(p, dropout, training=dropout > 0)
+    return (p @ value).transpose(1, 2).contiguous()
+
+
 AttentionInterface.register("hintsd", kv_attention)
+AttentionMaskInterface.register("hintsd", sdpa_mask)  # the masks transformers builds for it: SDPA's (bool)
 
 
-@contextmanager
-def kv_attention_on(model):
-    """Generation runs through kv_attention; training forwards keep the model's own attention."""
-    old, model.config._attn_implementation = model.config._attn_implementation, "hintsd"
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = old
+def use_kv_attention(model) -> None:
+    """Route the model's attention through kv_attention, for good: a backward that recomputes a checkpointed
+    layer then runs the same attention as its forward did. Plain forwards are unchanged (SDPA under the usual
+    masks), and the saved config does not record it."""
+    model.config._attn_implementation = "hintsd"
 
 
 def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int, keep) -> torch.Tensor:
@@ -340,6 +366,7 @@ def end_of_turn(tok) -> int:
 def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.Tensor]:
     """A cache holding the prompts, with room for `room` more tokens per row; identical prompts (the n rollouts
     of a task) are prefilled once and their rows repeated. Returns the cache and the next-token logits [B, V]."""
+    use_kv_attention(model)
     uniq = list(dict.fromkeys(map(tuple, prompts_)))
     cache = KVCache(model, len(uniq), max(map(len, uniq)) + room)
     logits = prefill(model, cache, [list(u) for u in uniq])
@@ -355,11 +382,10 @@ def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128
              top_p: float = 1.0, seed: int = 0, cuda_graphs: bool = True) -> list[Completion]:
     """Batched sampling from token-id prompts (the replacement for model.generate); row b is seeded by (seed, b)."""
     model.eval()
-    with kv_attention_on(model):
-        cache, logits = start(model, prompt_ids_, max_new_tokens)
-        seeds = [seed_of(seed, b) for b in range(len(prompt_ids_))]
-        return decode_n_tokens(model, cache, logits, seeds, max_new_tokens, temperature, top_p, eos_ids(tok, model),
-                               cuda_graphs=cuda_graphs)
+    cache, logits = start(model, prompt_ids_, max_new_tokens)
+    seeds = [seed_of(seed, b) for b in range(len(prompt_ids_))]
+    return decode_n_tokens(model, cache, logits, seeds, max_new_tokens, temperature, top_p, eos_ids(tok, model),
+                           cuda_graphs=cuda_graphs)
 
 
 # ----------------------------------------------------------------------------- 2. rollouts
@@ -475,22 +501,21 @@ def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], prog
     rows = [ep for ep in eps if ep.traj.status == "running"]
     if rows:
         model.eval()
-        with kv_attention_on(model):
-            cache, logits = start(model, [ep.traj.tokens + ep.pending for ep in rows], cfg.max_new_tokens)
-            while any(rows):
-                active = torch.tensor([ep is not None for ep in rows], device=model.device)
-                seeds = [seed_of(ep.seed, len(ep.traj.steps)) if ep else 0 for ep in rows]  # per row and action
-                outs = decode_n_tokens(model, cache, logits, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                       stops, active, cfg.cuda_graphs, progress)
-                rows = [ep if ep and play(tok, ep, c.tokens, c.logprobs, cfg, stops) else None
-                        for ep, c in zip(rows, outs)]
-                live = [r for r, ep in enumerate(rows) if ep]
-                if not live:
-                    break
-                if len(live) < len(rows) and (model.device.type != "cuda" or 2 * len(live) <= len(rows)):
-                    cache.keep(live)
-                    rows = [rows[r] for r in live]
-                logits = prefill(model, cache, [ep.pending if ep else [] for ep in rows])
+        cache, logits = start(model, [ep.traj.tokens + ep.pending for ep in rows], cfg.max_new_tokens)
+        while any(rows):
+            active = torch.tensor([ep is not None for ep in rows], device=model.device)
+            seeds = [seed_of(ep.seed, len(ep.traj.steps)) if ep else 0 for ep in rows]  # per row and action
+            outs = decode_n_tokens(model, cache, logits, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                   stops, active, cfg.cuda_graphs, progress)
+            rows = [ep if ep and play(tok, ep, c.tokens, c.logprobs, cfg, stops) else None
+                    for ep, c in zip(rows, outs)]
+            live = [r for r, ep in enumerate(rows) if ep]
+            if not live:
+                break
+            if len(live) < len(rows) and (model.device.type != "cuda" or 2 * len(live) <= len(rows)):
+                cache.keep(live)
+                rows = [rows[r] for r in live]
+            logits = prefill(model, cache, [ep.pending if ep else [] for ep in rows])
     for ep in eps:
         ep.traj.reward = float(ep.env.reward())
     return [ep.traj for ep in eps]
@@ -559,15 +584,56 @@ class LoRALinear(torch.nn.Module):
 
 
 LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's
+
+
+def lora_modules(model, targets) -> dict[str, list[str]]:
+    """Which nn.Linear layers each target name adapts: its own name, or a fused projection that computes it (Phi-3's
+    qkv_proj for q_proj; the adapter then spans q, k and v). {target: [module paths]}."""
+    found = {t: [] for t in targets}
+    for path, m in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if isinstance(m, LoRALinear) or (isinstance(m, torch.nn.Linear) and not path.endswith(".base")):
+            for t in targets:
+                if t == name or t in FUSED.get(name, ()):
+                    found[t].append(path)
+    return found
 
 
 def add_lora(model, r: int, alpha: float, dropout: float, targets) -> list[torch.nn.Parameter]:
-    """Wrap the named projections of every layer in LoRALinear; returns the trainable params (A, B, A, B, ...)."""
-    for mod in list(model.modules()):
-        for name, sub in list(mod.named_children()):
-            if name in targets and isinstance(sub, torch.nn.Linear):
-                setattr(mod, name, LoRALinear(sub, r, alpha, dropout))
+    """Wrap the linear layers the target names resolve to (lora_modules) in LoRALinear; returns the trainable
+    params (A, B, A, B, ...)."""
+    paths = {p for ps in lora_modules(model, targets).values() for p in ps}
+    for path in sorted(paths):
+        parent, _, name = path.rpartition(".")
+        mod = model.get_submodule(parent)
+        setattr(mod, name, LoRALinear(getattr(mod, name), r, alpha, dropout))
     return [p for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
+
+
+def lora_report(model, targets, explicit: bool) -> str:
+    """One line: what got adapters, and the weights of the decoder layers that did not (fused MoE experts, say).
+    Raises SystemExit (one line) when a named target matches no linear layer (explicit lists), or nothing does."""
+    found = lora_modules(model, targets)
+    linear = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t, ps in found.items() if not ps]
+    if (explicit and missing) or len(missing) == len(found):
+        raise SystemExit(f"--lora-targets: {', '.join(missing)} match(es) no linear layer of this model; its linear "
+                         f"layers are: {', '.join(linear)}")
+    adapted = {}  # module name -> the targets it serves
+    for t, ps in found.items():
+        for p in ps:
+            adapted.setdefault(p.rsplit(".", 1)[-1], set()).add(t)
+    wrapped = tuple(p + "." for p, m in model.named_modules() if isinstance(m, LoRALinear))
+    skipped = {}  # the decoder layers' other weights
+    for n, p in model.named_parameters():
+        if ".layers." in n and p.dim() >= 2 and not n.startswith(wrapped):
+            linear_ = isinstance(model.get_submodule(n.rpartition(".")[0]), torch.nn.Linear)
+            skipped[re.sub(r".*\.layers\.\d+\.", "", n).removesuffix(".weight")] = \
+                "" if linear_ else " (fused experts, not nn.Linear)" if p.dim() == 3 else " (not nn.Linear)"
+    on = [m if ts == {m} else f"{m} (fused: for {', '.join(sorted(ts))})" for m, ts in sorted(adapted.items())]
+    return f"LoRA on {', '.join(on)}" + (f"; not adapted: {', '.join(k + v for k, v in sorted(skipped.items()))}"
+                                         if skipped else "")
 
 
 def trainable_params(model, lora_rank: int, lora_alpha: float, dropout: float = 0.0, targets=LORA_ALL):
@@ -872,21 +938,21 @@ def packed_logits(model, seqs: list[list[int]], rows: list[list[int]], max_token
     """Logits [len(rows[s]), V] at positions rows[s] of each sequence s (row i predicts token i + 1), from as
     few forwards as the packs allow. With grad when grad is enabled (activation checkpointing by `ckpt`:
     auto = when the pack would not fit otherwise, on, off)."""
+    use_kv_attention(model)
     out = [None] * len(seqs)
     for group in pack_groups(seqs, max_tokens):
         p = pack([seqs[s] for s in group])
-        T, dev = len(p.ids), model.device
-        mask = None  # one sequence: plain causal attention
-        if len(group) > 1:
-            i, end = torch.arange(T, device=dev), torch.tensor(p.end, device=dev)
+        dev = model.device
+        pos, mask = torch.tensor(p.pos, device=dev), None  # one sequence: the model's own causal (window) masks
+        if len(group) > 1:  # token i sees j iff j <= i < end[j]: j is i or an ancestor in the prefix tree
+            i, end = torch.arange(len(p.ids), device=dev), torch.tensor(p.end, device=dev)
             mask = ((i[None, :] <= i[:, None]) & (i[:, None] < end[None, :]))[None, None]  # [1, 1, T(i), T(j)]
-            if model.config._attn_implementation == "eager":  # eager attention adds its mask
-                mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo(torch.float32).min)
         if torch.is_grad_enabled():
-            set_grad_ckpt(model, ckpt == "on" or (ckpt == "auto" and needs_ckpt(model, T)))
+            set_grad_ckpt(model, ckpt == "on" or (ckpt == "auto" and needs_ckpt(model, len(p.ids))))
         keep = [p.where[k][r] for k, s in enumerate(group) for r in rows[s]]
-        logits = model(input_ids=torch.tensor([p.ids], device=dev), position_ids=torch.tensor([p.pos], device=dev),
-                       attention_mask=mask, use_cache=False, logits_to_keep=torch.tensor(keep, device=dev)).logits[0]
+        logits = model(input_ids=torch.tensor([p.ids], device=dev), position_ids=pos[None], attention_mask=mask,
+                       pack=(pos, {}) if mask is not None else None, use_cache=False,
+                       logits_to_keep=torch.tensor(keep, device=dev)).logits[0]
         for s, part in zip(group, logits.float().split([len(rows[s]) for s in group])):
             out[s] = part
     return out
@@ -1420,9 +1486,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tasks = CPU_TASKS.get(args.bench)
     if args.lora_targets == ["all"]:
         args.lora_targets = list(LORA_ALL)
-    unknown = sorted(set(args.lora_targets) - set(LORA_ALL))
+    odd = [t for t in args.lora_targets if not t.isidentifier()]
     for bad, why in [
-            (unknown, f"--lora-targets: unknown projection(s) {unknown}; choose from {', '.join(LORA_ALL)} or 'all'"),
+            (odd, f"--lora-targets: {odd} are not module names (q_proj, qkv_proj, ... or 'all')"),
             (not 0 <= args.ema_rate <= 1, "--ema-rate must be in [0, 1] (0.999 keeps 99.9% of the teacher per step)"),
             (not 0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (args.analyzer_top_p > 1, "--analyzer-top-p must be in (0, 1]"),
@@ -1746,6 +1812,8 @@ def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else None)
     params = trainable_params(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    adapters = lora_report(model, args.lora_targets, args.lora_targets != list(LORA_ALL)) if args.lora_rank else \
+        "full fine-tuning"
     if ddp and args.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
         params = shard(model)
     shadows = {"ema": Shadow(params)}  # (sharded alike under FSDP2)
@@ -1775,7 +1843,7 @@ def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master
         print(f"[hintsd] {args.bench}: {len(tasks)} train tasks, {steps} steps, method={args.method}, "
               f"variant={args.variant}, "
               f"feedback={args.feedback}, preset={args.preset}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
-              f"params, {world} process(es)", file=sys.stderr)
+              f"params, {world} process(es)\n[hintsd] {adapters}", file=sys.stderr)
     # the loop
     for step in tqdm(range(start_step, steps), desc=args.method, unit="step", initial=start_step, total=steps,
                      disable=not master):
@@ -1883,7 +1951,8 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None, cache_dir=None):
-    """Returns (model, tokenizer), the model in eval mode with frozen weights and PyTorch SDPA attention.
+    """Returns (model, tokenizer), the model in eval mode with frozen weights, its attention kv_attention (SDPA, or
+    by hand where the model softcaps its attention logits).
 
     name: 'embedded' (the packaged default, built once into a cache), a Hugging Face id, a local model dir, or
     'random:DIR' (the config and tokenizer in DIR with random weights: real shapes for timing on a machine that
@@ -1891,16 +1960,22 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
     dtype = dtype or default_dtype(device)
     path = embedded_model(cache_dir or CACHE_DIR) if name == DEFAULT_MODEL else name
     try:
-        if path.startswith("random:"):
-            path = path[len("random:"):]
-            tok = AutoTokenizer.from_pretrained(path)
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
-                                                         attn_implementation="sdpa")
-        else:
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+        rand = path.startswith("random:")
+        path = path.removeprefix("random:")
+        tok = AutoTokenizer.from_pretrained(path)
+        for attn in ("sdpa", "eager"):  # (transformers refuses SDPA for Gemma-2, whose logits are softcapped)
+            try:
+                if rand:
+                    torch.manual_seed(0)
+                    with torch.device(device):
+                        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                                 attn_implementation=attn)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+                break
+            except ValueError:  # (SDPA refused; a broken dir fails the same way under eager, and says so)
+                if attn == "eager":
+                    raise
     except Exception as e:  # noqa: BLE001 -- say what was wrong with the path, whatever the library raised
         if name == DEFAULT_MODEL:  # the cache passed its checks but does not load: rebuild it once
             shutil.rmtree(path, ignore_errors=True)
@@ -1910,7 +1985,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
         hint = (f"{where} exists but is not a loadable model dir (config.json, weights, tokenizer files)"
                 if where.exists() else "not a local directory, and not a model available offline on the Hub")
         raise SystemExit(f"cannot load model {name!r}: {hint}: {type(e).__name__}: {str(e)[:300]}") from e
+    if not tok.chat_template:
+        raise SystemExit(f"model {name!r}: its tokenizer has no chat template (chat_template.jinja, or "
+                         "chat_template in tokenizer_config.json); hintsd renders every chat with it")
     model.eval().requires_grad_(False)
+    use_kv_attention(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

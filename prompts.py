@@ -94,13 +94,18 @@ def prompt_ids(tok, messages: list[dict], tools) -> tuple[list[int], int]:
 
 def continuation_ids(tok, messages: list[dict], new: list[dict], tools, end_text: str) -> tuple[list[int], int]:
     """Token ids that follow an assistant action's end-of-turn token: the environment's new messages and the next
-    assistant header, cut from the rendered chat. Also returns the header's length in tokens."""
-    prev, _ = render(tok, messages, tools, False)
+    assistant header. messages[-1] is that action. Append-only: the ids are cut from the render of the longer chat
+    after the end-of-turn that closes the action, and nothing before it is read again. So a template that renders
+    earlier messages differently once more follow (Qwen3 drops the empty <think> block of an answered assistant
+    message) still extends the rollout; its earlier ids stay what the policy saw. Also returns the header's length
+    in tokens."""
     base, _ = render(tok, messages + new, tools, False)
     full, contents = render(tok, messages + new, tools, True)
-    if not (full.startswith(base) and base.startswith(prev)):
-        raise ValueError("the chat template is not prefix-stable; cannot extend the rollout's token ids")
-    cut = prev.rindex(end_text) + len(end_text)
+    action = SENTINEL.format(len(messages) - 1)
+    if not full.startswith(base) or action not in full or end_text not in full[full.index(action):]:
+        raise ValueError("the chat template drops the assistant's message or does not close it with "
+                         f"{end_text!r}; cannot extend the rollout's token ids")
+    cut = full.index(end_text, full.index(action)) + len(end_text)
     return encode_rendered(tok, full[cut:], contents), len(encode_rendered(tok, full[len(base):], contents))
 
 

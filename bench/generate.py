@@ -51,9 +51,9 @@ def make_prompts(tok, batch, length):
 def time_ours(model, prompts, new, graphs=True):
     sync(model.device)
     t = time.perf_counter()
-    with hintsd.kv_attention_on(model):
-        cache, logits = hintsd.start(model, prompts, new)
-        out = hintsd.decode_n_tokens(model, cache, logits, [0] * len(prompts), new, cuda_graphs=graphs)
+    hintsd.use_kv_attention(model)
+    cache, logits = hintsd.start(model, prompts, new)
+    out = hintsd.decode_n_tokens(model, cache, logits, [0] * len(prompts), new, cuda_graphs=graphs)
     sync(model.device)
     dt = time.perf_counter() - t
     assert all(len(c.tokens) == new for c in out)

@@ -80,3 +80,34 @@ def lora_copy(model, std: float, r: int = 4, alpha: float = 8):
         for p in params:
             p.normal_(0, std)
     return model, params
+
+
+SHARED_QWEN3 = Path(__file__).resolve().parents[2] / "shared" / "gpu" / "qwen3-4b"
+QWEN3_ADDED = {151665: "<tool_response>", 151666: "</tool_response>", 151667: "<think>", 151668: "</think>"}
+
+
+def build_qwen3_tokenizer(embedded_dir, d: Path) -> Path:
+    """The Qwen3-4B-Instruct-2507 tokenizer rebuilt from the embedded Qwen2.5 one (the same BPE; Qwen3 names ids
+    151665-151668 and normalises to NFC), with the Qwen3 chat template kept in tests/data/qwen3."""
+    import json
+    spec = json.loads((Path(embedded_dir) / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    for i, text in QWEN3_ADDED.items():
+        vocab[text] = vocab.pop(f"[PAD{i}]")
+        spec["added_tokens"].append({"id": i, "content": text, "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": False})
+    spec["normalizer"] = {"type": "NFC"}
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 1 << 20}))
+    (d / "chat_template.jinja").write_text((Path(__file__).parent / "data/qwen3/chat_template.jinja").read_text())
+    return d
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(embedded_dir, tmp_path_factory):
+    """Tokenizer files of Qwen3-4B-Instruct-2507: ../shared/gpu/qwen3-4b when this checkout has it beside it, else
+    rebuilt from the embedded tokenizer (test_families checks that the two agree)."""
+    return SHARED_QWEN3 if SHARED_QWEN3.is_dir() else build_qwen3_tokenizer(embedded_dir,
+                                                                            tmp_path_factory.mktemp("qwen3_tok"))

@@ -65,12 +65,12 @@ def test_sampling_is_seeded_per_row_and_independent_of_the_batch(tiny):
     rows = run([[4, 5]] * 4, 3)
     assert len(set(map(tuple, rows))) > 1  # the four rows draw differently
     # a row's draws depend on its own seed only: decode() with the same row seeds, different batch mates
-    with hintsd.kv_attention_on(tiny):
-        def row_seeded(prompts, seeds):
-            cache, logits = hintsd.start(tiny, prompts, 8)
-            return [c.tokens for c in hintsd.decode_n_tokens(tiny, cache, logits, seeds, 8, 1.0, 1.0)]
-        alone = row_seeded([[4, 5]], [77])[0]
-        mixed = row_seeded([[9, 9, 9], [4, 5], [1]], [5, 77, 6])[1]
+    hintsd.use_kv_attention(tiny)
+    def row_seeded(prompts, seeds):
+        cache, logits = hintsd.start(tiny, prompts, 8)
+        return [c.tokens for c in hintsd.decode_n_tokens(tiny, cache, logits, seeds, 8, 1.0, 1.0)]
+    alone = row_seeded([[4, 5]], [77])[0]
+    mixed = row_seeded([[9, 9, 9], [4, 5], [1]], [5, 77, 6])[1]
     assert alone == mixed
 
 
@@ -90,25 +90,25 @@ def test_chunked_prefill_grown_and_compacted_cache_give_the_same_tokens(tiny, mo
     want = [c.tokens for c in hintsd.generate(tiny, ByteTok(), prompts, max_new_tokens=10)]
     monkeypatch.setattr(hintsd, "PREFILL_CHUNK", 3)  # prompts prefilled three tokens at a time
     assert [c.tokens for c in hintsd.generate(tiny, ByteTok(), prompts, max_new_tokens=10)] == want
-    with hintsd.kv_attention_on(tiny):
-        cache, logits = hintsd.start(tiny, prompts, 0)  # no room: decode() grows the buffers
-        first_capacity = cache.capacity
-        out = hintsd.decode_n_tokens(tiny, cache, logits, [0, 0, 0], 10)
-        assert cache.capacity > first_capacity and [c.tokens for c in out] == want
-        # drop row 1 and continue rows 0 and 2: the same as continuing them without compaction
-        more = [[c.tokens[-1]] for c in out]
-        a = hintsd.decode_n_tokens(tiny, cache, hintsd.prefill(tiny, cache, [[3, 4], [3, 4], [3, 4]]), [0] * 3, 5)
-        cache2, _ = hintsd.start(tiny, [p + c.tokens for p, c in zip(prompts, out)], 0)
-        cache2.keep([0, 2])
-        b = hintsd.decode_n_tokens(tiny, cache2, hintsd.prefill(tiny, cache2, [[3, 4], [3, 4]]), [0, 0], 5)
+    hintsd.use_kv_attention(tiny)
+    cache, logits = hintsd.start(tiny, prompts, 0)  # no room: decode() grows the buffers
+    first_capacity = cache.capacity
+    out = hintsd.decode_n_tokens(tiny, cache, logits, [0, 0, 0], 10)
+    assert cache.capacity > first_capacity and [c.tokens for c in out] == want
+    # drop row 1 and continue rows 0 and 2: the same as continuing them without compaction
+    more = [[c.tokens[-1]] for c in out]
+    a = hintsd.decode_n_tokens(tiny, cache, hintsd.prefill(tiny, cache, [[3, 4], [3, 4], [3, 4]]), [0] * 3, 5)
+    cache2, _ = hintsd.start(tiny, [p + c.tokens for p, c in zip(prompts, out)], 0)
+    cache2.keep([0, 2])
+    b = hintsd.decode_n_tokens(tiny, cache2, hintsd.prefill(tiny, cache2, [[3, 4], [3, 4]]), [0, 0], 5)
     assert [a[0].tokens, a[2].tokens] == [b[0].tokens, b[1].tokens] and more
 
 
 def test_inactive_rows_write_nothing(tiny):
-    with hintsd.kv_attention_on(tiny):
-        cache, logits = hintsd.start(tiny, [[1, 2, 3], [4, 5]], 8)
-        before = [k.clone() for k in cache.k]
-        hintsd.decode_n_tokens(tiny, cache, logits, [0, 0], 4, active=torch.tensor([True, False]))
+    hintsd.use_kv_attention(tiny)
+    cache, logits = hintsd.start(tiny, [[1, 2, 3], [4, 5]], 8)
+    before = [k.clone() for k in cache.k]
+    hintsd.decode_n_tokens(tiny, cache, logits, [0, 0], 4, active=torch.tensor([True, False]))
     assert cache.lengths.tolist() == [3 + 4, 2]
     for k, b in zip(cache.k, before):
         assert torch.equal(k[1, :, :cache.capacity], b[1, :, :cache.capacity])  # row 1 untouched (scratch aside)
@@ -130,11 +130,11 @@ def test_a_context_that_would_pass_max_len_is_stopped_and_counted(policy):
 def test_cuda_graph_step_falls_back_to_the_eager_step_when_it_cannot_capture(tiny, capsys):
     """Off a GPU (or when a capture fails) CudaGraphs says so once and decodes eagerly, with the same tokens."""
     graphs = hintsd.CudaGraphs()
-    with hintsd.kv_attention_on(tiny):
-        cache, logits = hintsd.start(tiny, [[5, 6, 7]], 4)
-        tok = torch.tensor([8])
-        got = graphs(tiny, cache, tok, torch.tensor([True]), cache.width(1))
-        cache2, _ = hintsd.start(tiny, [[5, 6, 7]], 4)
-        want = hintsd.decode_one_token(tiny, cache2, tok, torch.tensor([True]), cache2.width(1))
+    hintsd.use_kv_attention(tiny)
+    cache, logits = hintsd.start(tiny, [[5, 6, 7]], 4)
+    tok = torch.tensor([8])
+    got = graphs(tiny, cache, tok, torch.tensor([True]), cache.width(1))
+    cache2, _ = hintsd.start(tiny, [[5, 6, 7]], 4)
+    want = hintsd.decode_one_token(tiny, cache2, tok, torch.tensor([True]), cache2.width(1))
     assert torch.allclose(got, want) and not graphs.enabled and "CUDA graphs off" in capsys.readouterr().err
     assert cache.lengths.tolist() == cache2.lengths.tolist() == [4]
