@@ -688,6 +688,36 @@ def oracle_feedback(task, steps, action_format="json", protocol="friendly"):
     return []
 
 
+# -----------------------------------------------------------------------------
+# checking a correction by replay (no ground truth)
+
+CORRECTION_PROBLEMS = ("same", "unparsed", "unknown function", "error")
+ERROR_TEXT = re.compile(r'^\s*Error|"content": "Error|"error"\s*:|Traceback \(most recent call last\)|Execution failed')
+
+
+def correction_problem(task, earlier, action, student, action_format="json", max_steps=None, protocol="friendly"):
+    """Why a corrected action should not be distilled at its step, or None if it passes: the environment is
+    replayed to that step with the rollout's own earlier actions, then the action is executed. The reasons: "same"
+    (it is the student's own action), "unparsed" (a call that does not parse), "unknown function", "error" (an
+    error comes back). Only the environment is asked, never the ground truth."""
+    if action.strip() == student.strip():
+        return "same"
+    env = make_env(task, action_format, max_steps, protocol)
+    msgs = env.reset()
+    for a in earlier:
+        msgs = env.step(a)
+    if task.get("bench") != "appworld":
+        calls, error = parse_calls(action, action_format, protocol)
+        if error is not None or (not calls and "<tool_call>" in action):
+            return "unparsed"
+        if any(name not in env.methods for name, _ in calls):
+            return "unknown function"
+    out = env.step(action)
+    if hasattr(env, "close"):
+        env.close()
+    return "error" if any(ERROR_TEXT.search(str(m.get("content", ""))[:2000]) for m in out) else None
+
+
 # =============================================================================
 # AppWorld
 """AppWorld (appworld==0.1.3.post1): the agent writes Python that calls the apps' APIs (apis.<app>.<api>(...)).

@@ -339,8 +339,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                     help="BFCL: cut every task to its first K user turns")
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, or 'embedded'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32")
     ap.add_argument("--preset", default="auto", choices=("auto", *hintsd.PRESETS),
                     help="fills every setting below not given: paper = the authors' eval (1024 new tokens, max_len "
                          "24576, the bench's step cap, authors' protocol, temperature 0.6, seed 42); "
@@ -414,7 +414,7 @@ def main(argv=None):
     if not tasks:
         ap.error(f"--split {args.split}: no {args.bench} tasks")
     ddp, rank, world, device = hintsd.init_distributed(args.device)  # under torchrun: each rank its share of tasks
-    model, tok = hintsd.load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else None)
+    model, tok = hintsd.load_model(args.model, device, None if args.dtype == "auto" else getattr(torch, args.dtype))
     cfg = hintsd.SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len)
     settings = {"split": args.split, "limit": args.limit, "turns": args.turns, "model": args.model,
                 "device": args.device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -167,8 +167,10 @@ AttentionMaskInterface.register("hintsd", sdpa_mask)  # the masks transformers b
 def use_kv_attention(model) -> None:
     """Route the model's attention through kv_attention, for good: a backward that recomputes a checkpointed
     layer then runs the same attention as its forward did. Plain forwards are unchanged (SDPA under the usual
-    masks), and the saved config does not record it."""
-    model.config._attn_implementation = "hintsd"
+    masks), and the saved config does not record it. model.hintsd_own_attention keeps the model's own."""
+    if model.config._attn_implementation != "hintsd":
+        model.hintsd_own_attention = model.config._attn_implementation
+        model.config._attn_implementation = "hintsd"
 
 
 def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int, keep) -> torch.Tensor:
@@ -364,14 +366,33 @@ def end_of_turn(tok) -> int:
 
 
 def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.Tensor]:
-    """A cache holding the prompts, with room for `room` more tokens per row; identical prompts (the n rollouts
-    of a task) are prefilled once and their rows repeated. Returns the cache and the next-token logits [B, V]."""
+    """A cache holding prompts_[b] in row b, with room for `room` more tokens per row, and the next-token logits
+    [B, V]. Shared prefixes are prefilled once: the prompts form a prefix tree, prefilled one level at a time (each
+    node's tokens up to where its prompts differ, all nodes in one batched call), and a node's row is copied to its
+    children where it branches. The n rollouts of a task share their whole prompt; the analyzer's chats about the
+    rollouts of one task share the instructions and the task's tool schemas."""
     use_kv_attention(model)
-    uniq = list(dict.fromkeys(map(tuple, prompts_)))
-    cache = KVCache(model, len(uniq), max(map(len, uniq)) + room)
-    logits = prefill(model, cache, [list(u) for u in uniq])
-    rows = [uniq.index(tuple(p)) for p in prompts_]
-    if rows != list(range(len(uniq))):
+    cache = KVCache(model, 1, max(map(len, prompts_)) + room)
+    nodes, done, logits = [list(range(len(prompts_)))], [0], None  # node: the prompts it holds; done: its tokens
+    while True:
+        segs = [os.path.commonprefix([prompts_[i][d:] for i in idx]) for idx, d in zip(nodes, done)]
+        if any(segs):
+            out = prefill(model, cache, segs)
+            fresh = torch.tensor([bool(x) for x in segs], device=out.device)[:, None]
+            logits = out if logits is None else torch.where(fresh, out, logits)
+        done = [d + len(x) for d, x in zip(done, segs)]
+        # branch where a node's prompts differ next (the prompts that have ended form a branch of their own)
+        nxt = [{i: tuple(prompts_[i][d:d + 1]) for i in idx} for idx, d in zip(nodes, done)]  # () once it ended
+        kids = [(r, [i for i in idx if nxt[r][i] == t]) for r, idx in enumerate(nodes) for t in dict.fromkeys(
+            nxt[r].values())]
+        if len(kids) == len(nodes):  # no node branched: every prompt is in
+            break
+        parents = [r for r, _ in kids]
+        cache.keep(parents)
+        logits = logits[torch.tensor(parents, device=logits.device)] if logits is not None else None
+        nodes, done = [idx for _, idx in kids], [done[r] for r in parents]
+    rows = [next(r for r, idx in enumerate(nodes) if i in idx) for i in range(len(prompts_))]
+    if rows != list(range(len(nodes))):
         cache.keep(rows)
         logits = logits[torch.tensor(rows, device=logits.device)]
     return cache, logits
@@ -720,13 +741,15 @@ class AnalyzerConfig:
     model: str | None = None  # external: a model name (local / HF, or the endpoint's model)
     url: str | None = None    # external: an OpenAI-compatible chat-completions endpoint
     timeout: float = 120.0
+    forced: bool = False      # beyond the paper: the answer's JSON opening and first step number are forced
+    verify: bool = False      # beyond the paper: each correction is checked by replay before it is distilled
 
 
 def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0, desc: str = "generate") -> list[str]:
-    """Answers to chats (analyzer, judge), batched: all at once on a GPU, four at a time on a CPU."""
+    """Answers to chats (analyzer, judge), batched: all at once on a GPU, eight at a time on a CPU."""
     ids = [prompts.prompt_ids(tok, c, None)[0] for c in chats]
-    batch, out = (len(ids) or 1) if model.device.type == "cuda" else 4, []
+    batch, out = (len(ids) or 1) if model.device.type == "cuda" else 8, []
     for i in tqdm(range(0, len(ids), batch), desc=desc, leave=False):
         out += generate(model, tok, ids[i:i + batch], max_new_tokens, temperature, top_p, seed_of(seed, i))
     return [tok.decode(c.tokens, skip_special_tokens=True) for c in out]
@@ -737,6 +760,48 @@ class Hindsight:
     targets: list[Target]
     answers: list[str]     # the analyzer's raw answers (kept as data in rollouts.jsonl)
     parse_failures: int
+    dropped: dict = field(default_factory=dict)  # replay verification: why targets were dropped, and how many
+
+
+def digit_tokens(tok) -> dict[int, str]:
+    """Token ids whose text is only ASCII digits (Qwen: one digit each), and that text."""
+    return {i: t for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}
+
+
+@torch.no_grad()
+def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], variant: str, max_new_tokens: int,
+                   temperature: float, top_p: float, seed: int) -> list[str]:
+    """Analyzer answers whose format cannot break: the JSON opening is given ('{"failures": [{"step": ', or
+    '{"failure_step": ' for Single); the first step number is sampled from the model's own distribution restricted
+    to the numbers 1..n of each rollout (digit tokens, up to two); '", "feedback": "' is given; the model writes the
+    rest freely. A rollout with more than 99 steps keeps its numbers up to 99."""
+    opening = '{"failure_step": ' if variant == "single" else '{"failures": [{"step": '
+    ids = [prompts.prompt_ids(tok, c, None)[0] + prompts.encode(tok, opening) for c in chats]
+    digits, tail = digit_tokens(tok), prompts.encode(tok, ', "feedback": "')
+    cache, logits = start(model, ids, max_new_tokens + 8)
+    dev, B = logits.device, len(chats)
+    gens = [torch.Generator(device=dev).manual_seed(seed_of(seed, b, "step")) for b in range(B)]
+
+    def pick(logits, ok):  # ok(b, digit text or None for the stop) -> whether allowed; -> chosen token per row
+        allow = torch.zeros_like(logits, dtype=torch.bool)
+        for b in range(B):
+            allow[b, [i for i, d in digits.items() if ok(b, d)] or [tail[0]]] = True
+            allow[b, tail[0]] |= ok(b, None)
+        u = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens]) if temperature > 0 else None
+        return sample(logits.masked_fill(~allow, float("-inf")), temperature, top_p, u)[0].tolist()
+
+    first = pick(logits, lambda b, d: d is not None and d[0] != "0" and int(d) <= min(n_steps[b], 99))
+    number = [digits[t] for t in first]
+    more = [10 * int(x) <= min(n, 99) for x, n in zip(number, n_steps)]  # the number may go on
+    logits = prefill(model, cache, [[t] if m else [] for t, m in zip(first, more)]) if any(more) else logits
+    second = pick(logits, lambda b, d: more[b] and (d is None or int(number[b] + d) <= min(n_steps[b], 99)))
+    ext = [m and t != tail[0] for t, m in zip(second, more)]
+    number = [x + digits[t] if e else x for x, t, e in zip(number, second, ext)]
+    rest = [([t] if e else []) + tail if m else [f] + tail for f, t, m, e in zip(first, second, more, ext)]
+    outs = decode_n_tokens(model, cache, prefill(model, cache, rest), [seed_of(seed, b) for b in range(B)],
+                           max_new_tokens, temperature, top_p, eos_ids(tok, model))
+    return [opening + x + ', "feedback": "' + tok.decode(o.tokens, skip_special_tokens=True)
+            for x, o in zip(number, outs)]
 
 
 def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, variant: str, bench: str,
@@ -761,11 +826,42 @@ def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, var
         else:
             m, t = external or (model, tok)
             with (shadows.get(cfg.source) if external is None else None) or nullcontext():
-                answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis")
-        picks = [prompts.parse_analysis(text, len(trajs[i].steps), variant, cfg.parser)
+                if cfg.forced:
+                    answers = forced_answers(m, t, chats, [len(trajs[i].steps) for i in failed], variant, cfg.tokens,
+                                             cfg.temperature, cfg.top_p, seed)
+                else:
+                    answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis")
+        picks = [prompts.parse_analysis(text, len(trajs[i].steps), variant, cfg.parser, forced=cfg.forced)
                  for i, text in zip(failed, answers)]
     targets = [Target(i, step, fb) for i, p in zip(failed, picks) for step, fb in p]
     return Hindsight(targets, answers, sum(not p for p in picks) if answers else 0)
+
+
+def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], teacher, tasks_by_id: dict,
+                   max_new_tokens: int, action_format: str, protocol: str, max_env_steps: int | None
+                   ) -> tuple[list[Target], dict]:
+    """Beyond the paper: corrections checked by replay before they are distilled. For each target the teacher
+    (the policy under `teacher`'s weights, the feedback message before the step) writes its own action there,
+    greedily; the environment is replayed to the step with the rollout's earlier actions and runs that action
+    (envs.correction_problem). A target is dropped when the action does not parse, calls an unknown function,
+    gets an error back, or is the student's own action. Returns the kept targets and {reason: count} dropped."""
+    ctxs = []
+    for tg in targets:
+        t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
+        ctxs.append(t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.start])
+    with teacher or nullcontext():
+        outs = generate(model, tok, ctxs, max_new_tokens) if ctxs else []
+    stops, kept, dropped = set(eos_ids(tok, model)), [], {}
+    for tg, out in zip(targets, outs):
+        t = trajs[tg.traj]
+        text = prompts.valid_text(tok.decode(out.tokens[:-1] if out.tokens and out.tokens[-1] in stops else out.tokens))
+        why = envs.correction_problem(tasks_by_id[t.task_id], [s.text for s in t.steps[:tg.step]], text,
+                                      t.steps[tg.step].text, action_format, max_env_steps, protocol)
+        if why:
+            dropped[why] = dropped.get(why, 0) + 1
+        else:
+            kept.append(tg)
+    return kept, dropped
 
 
 def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Target]:
@@ -1277,14 +1373,15 @@ PRESETS = {
                   lr=5e-6, lr_schedule="linear", lora_rank=32, lora_alpha=64.0, lora_dropout=0.05,
                   lora_targets=["q_proj", "v_proj"], topk=100, loss_norm="task", max_new_tokens=1024,
                   temperature=0.6, analyzer_temperature=0.6, analyzer_top_p=0.95, analyzer_tokens=512,
-                  analyzer_prompt="authors", analyzer_parser="strict", max_len=24576, max_env_steps=None, seed=42,
-                  ema_rate=0.999, action_protocol="authors", after_check=False),
+                  analyzer_prompt="authors", analyzer_parser="strict", analyzer_forced=False, verify_targets=False,
+                  max_len=24576, max_env_steps=None, seed=42, ema_rate=0.999, action_protocol="authors",
+                  after_check=False),
     "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=None, turns=None,
                 lr=1e-5, lr_schedule="constant", lora_rank=32, lora_alpha=64.0, lora_dropout=0.0,
                 lora_targets=list(LORA_ALL), topk=None, loss_norm="token", max_new_tokens=96,
                 temperature=0.6, analyzer_temperature=0.0, analyzer_top_p=1.0, analyzer_tokens=128,
-                analyzer_prompt="compact", analyzer_parser="lenient", max_len=8192, max_env_steps=4, seed=42,
-                ema_rate=0.999, action_protocol="friendly", after_check=True),
+                analyzer_prompt="compact", analyzer_parser="lenient", analyzer_forced=False, verify_targets=False,
+                max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999, action_protocol="friendly", after_check=True),
 }
 # cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
 CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
@@ -1384,8 +1481,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="appworld needs `make setup-appworld`; without its data it runs on built-in offline tasks")
     g.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local dir, random:DIR, or 'embedded' (0.5B GGUF)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="base weights; auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32 "
+                        "(LoRA adapters, the EMA teacher and the loss stay float32)")
     g.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
                    help="auto = cpu on a CPU device, paper otherwise")
     g.add_argument("--out", default="runs/hintsd", help="run dir: metrics.jsonl, rollouts.jsonl, checkpoints")
@@ -1450,6 +1548,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--analyzer-url", help="--feedback external: an OpenAI-compatible chat-completions URL (key "
                                           "from $HINTSD_ANALYZER_KEY or $OPENAI_API_KEY)")
     g.add_argument("--analyzer-timeout", type=positive_float, default=120.0, help="seconds per endpoint request")
+    g.add_argument("--analyzer-forced", action=argparse.BooleanOptionalAction,
+                   help="beyond the paper: the answer's JSON opening and its first step number (one of the rollout's "
+                        "steps) are forced, so an answer always names a step unless its feedback is empty")
+    g.add_argument("--verify-targets", action=argparse.BooleanOptionalAction,
+                   help="beyond the paper: the teacher writes its own action at each target (greedy, the feedback in "
+                        "view), the environment is replayed to that step and runs it; a target is dropped when that "
+                        "action does not parse, calls an unknown function, gets an error back, or is the student's")
     g = ap.add_argument_group("optimization")
     g.add_argument("--lr", type=positive_float, help="AdamW learning rate (weight decay 0, grad clip 1.0)")
     g.add_argument("--lr-schedule", choices=["linear", "constant"], help="linear: decay to 0 over the run, no warmup")
@@ -1477,6 +1582,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = build_parser()
     args = ap.parse_args(argv)
     check_device(ap, args.device)
+    if args.dtype == "auto":
+        args.dtype = str(default_dtype(args.device)).removeprefix("torch.")
     name = args.preset if args.preset != "auto" else ("cpu" if args.device == "cpu" else "paper")
     args.preset = name
     for key, val in PRESETS[name].items():
@@ -1496,6 +1603,8 @@ def parse_args(argv=None) -> argparse.Namespace:
              "--method openclaw: the judge is the policy; use --feedback ema, policy or initial"),
             (args.feedback == "oracle" and args.bench != "bfcl",
              "--feedback oracle needs BFCL ground truth; use it with --bench bfcl"),
+            (args.analyzer_forced and args.analyzer_url,
+             "--analyzer-forced needs a local analyzer (it forces tokens); an endpoint cannot take them"),
             (args.feedback == "external" and not args.analyzer_model,
              "--feedback external needs --analyzer-model (a model, or the endpoint's model name with --analyzer-url)"),
             (args.turns and args.bench != "bfcl", "--turns applies to BFCL only"),
@@ -1623,7 +1732,7 @@ def step_config(args) -> StepConfig:
         args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
         AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
                        args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
-                       args.analyzer_timeout),
+                       args.analyzer_timeout, args.analyzer_forced, args.verify_targets),
         LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
 
 
@@ -1647,12 +1756,16 @@ def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict
         groups = [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
     t1 = time.time()
     # the learning signal
-    sig, answers, failures = Signal(ce=cfg.method == "sft"), [], 0
+    sig, answers, failures, dropped = Signal(ce=cfg.method == "sft"), [], 0, None
     if cfg.method in ("hintsd", "sdpo"):
         h = select_targets(model, tok, trajs, cfg.analyzer, cfg.variant, cfg.bench, run.shadows, tasks_by_id,
                            cfg.action_format, cfg.action_protocol, seed_of(cfg.seed, step, "analysis"), run.external)
+        if cfg.analyzer.verify:
+            h.targets, h.dropped = verify_targets(
+                model, tok, trajs, h.targets, run.shadows["ema"] if cfg.teacher == "ema" else None, tasks_by_id,
+                cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps)
         sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
-        answers, failures = h.answers, h.parse_failures
+        answers, failures, dropped = h.answers, h.parse_failures, h.dropped if cfg.analyzer.verify else None
     elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
         with run.shadows.get(cfg.analyzer.source) or nullcontext():
             sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, cfg.analyzer.tokens,
@@ -1689,8 +1802,8 @@ def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict
     after = measure(model, tok, trajs, groups, sig, cfg.loss, max_len, cache) if cache is not None and (
         sums.kl_tokens or sums.ce_tokens) else None  # the same targets (and teacher logits), after the update
     t3 = time.time()
-    row = metrics_row(cfg.method, trajs, sig, sums, after, failures, (t1 - t0, t2 - t1, t3 - t2), model.device, ddp,
-                      lr)
+    row = metrics_row(cfg.method, trajs, sig, sums, after, failures, dropped, (t1 - t0, t2 - t1, t3 - t2),
+                      model.device, ddp, lr)
     owner = [j for j, _ in batch for _ in range(cfg.rollouts)]
     records = [] if cfg.method == "sft" else [
         {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
@@ -1699,13 +1812,18 @@ def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict
     return row, records, answers
 
 
-def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: int, times, device, ddp, lr) -> dict:
-    """The step's metrics, summed over ranks (times and peak memory: the slowest / largest rank)."""
+def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: int, dropped: dict | None, times,
+                device, ddp, lr) -> dict:
+    """The step's metrics, summed over ranks (times and peak memory: the slowest / largest rank). dropped: the
+    targets replay verification dropped, by reason (None: no verification)."""
     sft = method == "sft"
     counts = [sum(t.reward for t in trajs), len(trajs), sum(t.status == "overflow" for t in trajs), len(sig.targets),
-              failures, *asdict(sums).values(), *(asdict(after).values() if after else [0] * 8)]
+              failures, *[(dropped or {}).get(k, 0) for k in envs.CORRECTION_PROBLEMS], *asdict(sums).values(),
+              *(asdict(after).values() if after else [0] * 8)]
     counts = all_sum(counts, ddp)
-    (succ, n, overflow, n_targets, failures), s, aft = counts[:5], Sums(*counts[5:13]), Sums(*counts[13:])
+    (succ, n, overflow, n_targets, failures), counts = counts[:5], counts[5:]
+    why, counts = dict(zip(envs.CORRECTION_PROBLEMS, map(int, counts))), counts[len(envs.CORRECTION_PROBLEMS):]
+    s, aft = Sums(*counts[:8]), Sums(*counts[8:])
     slow = [*times, peak_memory_gb(device)]
     if ddp:
         t = torch.tensor(slow, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -1726,6 +1844,8 @@ def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: in
         row["ce"] = s.ce / max(s.ce_tokens, 1)
         if after and aft.ce_tokens:
             row["ce_after"] = aft.ce / aft.ce_tokens
+    if dropped is not None:
+        row["dropped_by_replay"] = why
     if method == "openclaw":
         flat = [x for adv in sig.advantages for x in adv]
         row.update(judge_calls=len(flat), judge_positive=flat.count(1.0), judge_negative=flat.count(-1.0))
@@ -1741,6 +1861,8 @@ def summary_line(r: dict) -> str:
         s = f"step {r['step']}: success {r['success_rate']:.2f} ({r['rollouts'] - r['failed']}/{r['rollouts']})"
     if r["method"] in DISTILL_METHODS:
         s += f", targets {r['targets']} (steps {r['target_steps']}), parse failures {r['parse_failures']}"
+        if "dropped_by_replay" in r:
+            s += f", dropped by replay {sum(r['dropped_by_replay'].values())} {r['dropped_by_replay']}"
     if r["method"] == "openclaw":
         s += f", judge +1/-1 {r['judge_positive']}/{r['judge_negative']} of {r['judge_calls']}"
     if r["method"] == "grpo":
@@ -1810,7 +1932,7 @@ def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master
             shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
     # the model, its trainable params, the shadows, the optimizer
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else None)
+    model, tok = load_model(args.model, device, getattr(torch, args.dtype))
     params = trainable_params(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     adapters = lora_report(model, args.lora_targets, args.lora_targets != list(LORA_ALL)) if args.lora_rank else \
         "full fine-tuning"
@@ -1830,7 +1952,7 @@ def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     external = None
     if args.feedback == "external" and not args.analyzer_url:
-        external = load_model(args.analyzer_model, device, getattr(torch, args.dtype) if args.dtype else None)
+        external = load_model(args.analyzer_model, device, getattr(torch, args.dtype))
     run = Run(model, tok, params, shadows, opt, sched, external)
     start_step = 0
     if state is not None:
@@ -1946,8 +2068,12 @@ def load_state(run: Run, state: dict, args, device, world: int) -> int:
 
 # ----------------------------------------------------------------------------- 10. models
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA; float32 on CPU (bf16 matmuls are ~5x slower on the CPUs we measured)."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    """bf16 on CUDA, and on CPUs with bf16 matrix instructions (AMX or AVX512-BF16: bench/step.py measured the
+    update 2-3x faster there); float32 on other CPUs, which emulate bf16 matmuls (about 5x slower)."""
+    if str(device).startswith("cuda"):
+        return torch.bfloat16
+    fast = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.bfloat16 if fast else torch.float32
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None, cache_dir=None):

@@ -460,16 +460,34 @@ def parse_lenient(text, n_steps: int, k: int = 3) -> list[tuple[int, str]]:
         return []
 
 
-def parse_analysis(text, n_steps: int, variant: str = "multi", parser: str = "strict", k: int = 3
-                   ) -> list[tuple[int, str]]:
-    """The targets an analyzer's answer names: [(step0, feedback)], earliest first; [] = a parse failure."""
+def parse_analysis(text, n_steps: int, variant: str = "multi", parser: str = "strict", k: int = 3,
+                   forced: bool = False) -> list[tuple[int, str]]:
+    """The targets an analyzer's answer names: [(step0, feedback)], earliest first; [] = a parse failure. forced:
+    the answer began with a forced opening and step number (hintsd.forced_answers); if its JSON never closes, its
+    first entry is still read."""
     k = 1 if variant == "single" else k
-    if parser == "lenient":
-        return parse_lenient(text, n_steps, k)
     try:
-        return parse_strict(text, n_steps, variant, k) or []
+        found = parse_lenient(text, n_steps, k) if parser == "lenient" else parse_strict(text, n_steps, variant, k)
     except Exception:                   # the strict parser follows the authors; it must not stop training either
+        found = None
+    return found or (forced_entry(text, n_steps) if forced else [])
+
+
+FORCED_ENTRY = re.compile(r'\{"(?:failures": \[\{"step|failure_step)": (\d+), "feedback": "((?:[^"\\]|\\.)*)')
+
+
+def forced_entry(text, n_steps: int) -> list[tuple[int, str]]:
+    """The first (step0, feedback) of a forced answer: its forced step and the feedback up to the closing quote
+    (or the end); [] if the feedback is empty."""
+    m = FORCED_ENTRY.match(text[:MAX_PARSE_CHARS]) if isinstance(text, str) else None
+    if not m or not 1 <= int(m[1]) <= n_steps:
         return []
+    try:
+        feedback = json.loads(f'"{m[2]}"')
+    except ValueError:                  # a broken escape at the cut: keep the raw text
+        feedback = m[2]
+    feedback = feedback.strip()[:MAX_FEEDBACK_CHARS].rstrip()
+    return [(int(m[1]) - 1, feedback)] if feedback else []
 
 # ----------------------------------------------------------------------------- a rollout's steps as text
 

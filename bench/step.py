@@ -1,6 +1,7 @@
 """Time and peak memory of one update on fixed failed rollouts: HINT-SD against SDPO and against no prefix sharing.
 
-    python bench/step.py [--model embedded] [--rollouts 4] [--k 3] [--env-steps 10] [--new 64] [--trajs FILE]
+    python bench/step.py [--model embedded] [--dtypes float32 bfloat16] [--rollouts 4] [--k 3] [--env-steps 10]
+                         [--new 64] [--trajs FILE]
 
 All rows run on the same failed rollouts (the n rollouts of one task), each in a fresh subprocess so each peak is
 its own: on CPU the growth of peak RSS over the loaded model, on CUDA torch's peak allocation over the model (after
@@ -9,8 +10,11 @@ one untimed warm-up update):
             packed into prefix trees (the shared prompt and shared rollout prefixes run once)
   sdpo      the same feedback once before the first action; every action token of the failed rollouts distilled
   unpacked  hintsd's targets, one forward per sequence (no shared prefix: --pack-tokens 0)
-Without --trajs, rollouts are sampled first and saved (runs/bench-step/trajs.jsonl); a rollout that succeeded is
-dropped. The JSONL holds trajectories as hintsd.py's rollouts.jsonl does.
+Every row runs in each of --dtypes (default: float32 and bfloat16 on a CPU, bfloat16 on a GPU) on the same rollouts,
+and reports the targeted KL it measured, so the dtypes' numbers can be compared as well as their times.
+Without --trajs, rollouts are sampled first (with the seed of the task and the rollout: the same file on the same
+machine and code) and saved (runs/bench-step/trajs.jsonl); a rollout that succeeded is dropped. The JSONL holds
+trajectories as hintsd.py's rollouts.jsonl does.
 """
 import argparse
 import json
@@ -35,7 +39,7 @@ def spread_steps(n: int, k: int) -> list[int]:
 
 def run_one(a):
     """Child process: load the model, time one update of one method on the saved rollouts, print a JSON line."""
-    model, tok = hintsd.load_model(a.model, a.device)
+    model, tok = hintsd.load_model(a.model, a.device, getattr(torch, a.dtype))
     params = hintsd.trainable_params(model, 32, 64, 0.0, a.lora_targets)
     teacher = hintsd.Shadow(params)
     trajs = [hintsd.Trajectory.from_json(json.loads(x)) for x in open(a.trajs)]
@@ -61,8 +65,9 @@ def run_one(a):
     sums = update()
     if cuda:
         torch.cuda.synchronize()
-    print(json.dumps({"method": a.method, "seconds": time.perf_counter() - t0, "tokens": sums.kl_tokens,
-                      "trajectories": len(trajs), "peak_gb": hintsd.peak_memory_gb(model.device) - base}))
+    print(json.dumps({"method": a.method, "dtype": a.dtype, "seconds": time.perf_counter() - t0,
+                      "tokens": sums.kl_tokens, "kl": sums.kl / max(sums.kl_tokens, 1), "trajectories": len(trajs),
+                      "peak_gb": hintsd.peak_memory_gb(model.device) - base}))
 
 
 def sample_failed(a):
@@ -95,7 +100,10 @@ def main():
     ap.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
     ap.add_argument("--methods", nargs="+", default=["hintsd", "sdpo", "unpacked"],
                     choices=["hintsd", "sdpo", "unpacked"])
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+                    help="default: float32 bfloat16 on a CPU, bfloat16 on a GPU")
     ap.add_argument("--method", choices=["hintsd", "sdpo", "unpacked"], help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     a = ap.parse_args()
     hintsd.check_device(ap, a.device)
     if a.method:
@@ -109,22 +117,23 @@ def main():
     print(f"{len(trajs)} failed rollouts, lengths {[len(t['tokens']) for t in trajs]} tokens, "
           f"steps {[len(t['steps']) for t in trajs]}", flush=True)
     res = {}
-    for m in a.methods:
-        cmd = [sys.executable, __file__, "--method", m, "--model", a.model, "--device", a.device, "--trajs", a.trajs,
-               "--k", str(a.k), "--topk", str(a.topk or "exact"), "--pack-tokens", str(a.pack_tokens),
-               "--grad-ckpt", a.grad_ckpt, "--lora-targets", *a.lora_targets]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"[step] {m} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        res[m] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(res[m]), flush=True)
-    ref = res.get("hintsd") or next(iter(res.values()))
-    print("\n| method | update s | peak GB | tokens supervised | time / hintsd | memory / hintsd |")
-    print("|---|---|---|---|---|---|")
-    for m, r in res.items():
-        print(f"| {m} | {r['seconds']:.2f} | {r['peak_gb']:.2f} | {r['tokens']} | {r['seconds'] / ref['seconds']:.2f}x "
-              f"| {r['peak_gb'] / max(ref['peak_gb'], 1e-9):.2f}x |")
+    for dtype in a.dtypes or (["bfloat16"] if a.device.startswith("cuda") else ["float32", "bfloat16"]):
+        for m in a.methods:
+            cmd = [sys.executable, __file__, "--method", m, "--dtype", dtype, "--model", a.model, "--device", a.device,
+                   "--trajs", a.trajs, "--k", str(a.k), "--topk", str(a.topk or "exact"), "--pack-tokens",
+                   str(a.pack_tokens), "--grad-ckpt", a.grad_ckpt, "--lora-targets", *a.lora_targets]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"[step] {m} {dtype} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            res[m, dtype] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(res[m, dtype]), flush=True)
+    ref = next(iter(res.values()))
+    print("\n| method | dtype | update s | peak GB | tokens supervised | KL | time / first row | memory / first row |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (m, dtype), r in res.items():
+        print(f"| {m} | {dtype} | {r['seconds']:.2f} | {r['peak_gb']:.2f} | {r['tokens']} | {r['kl']:.5f} | "
+              f"{r['seconds'] / ref['seconds']:.2f}x | {r['peak_gb'] / max(ref['peak_gb'], 1e-9):.2f}x |")
 
 
 if __name__ == "__main__":

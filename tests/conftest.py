@@ -55,7 +55,7 @@ def tiny_qwen(qwen_tok, tmp_path_factory):
 def policy(tiny_qwen):
     """(model, tokenizer) of tiny_qwen, loaded the way hintsd.py loads any model dir."""
     import hintsd
-    return hintsd.load_model(str(tiny_qwen))
+    return hintsd.load_model(str(tiny_qwen), dtype=torch.float32)  # (float32 references throughout)
 
 
 @pytest.fixture(scope="session")

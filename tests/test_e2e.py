@@ -13,7 +13,7 @@ import prompts
 
 @pytest.fixture(scope="module")
 def embedded(embedded_dir):
-    model, tok = hintsd.load_model(embedded_dir)
+    model, tok = hintsd.load_model(embedded_dir, dtype=torch.float32)
     yield model, tok
     del model
     gc.collect()  # the 2 GB model leaves with this module

@@ -138,3 +138,15 @@ def test_cuda_graph_step_falls_back_to_the_eager_step_when_it_cannot_capture(tin
     want = hintsd.decode_one_token(tiny, cache2, tok, torch.tensor([True]), cache2.width(1))
     assert torch.allclose(got, want) and not graphs.enabled and "CUDA graphs off" in capsys.readouterr().err
     assert cache.lengths.tolist() == cache2.lengths.tolist() == [4]
+
+
+def test_shared_prefixes_are_prefilled_once_and_each_row_holds_its_own_prompt(tiny, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(1, 250, (20,), generator=g).tolist()
+    a, b = head + [7, 8, 9, 10], head + [7, 8, 11]
+    prompts = [a, b, head, a, head[:5] + [99], [3, 4]]  # a shared head, a prompt inside others, a pair, a stranger
+    fed, real = [], hintsd.prefill
+    monkeypatch.setattr(hintsd, "prefill", lambda m, c, chunks: fed.append(sum(map(len, chunks))) or real(m, c, chunks))
+    got = hintsd.generate(tiny, ByteTok(), prompts, max_new_tokens=6)
+    assert [c.tokens for c in got] == [reference(tiny, p, 6) for p in prompts]
+    assert sum(fed) == len(hintsd.pack(prompts).ids)  # every token of the prefix tree once

@@ -286,3 +286,62 @@ def test_placement_analysis_runs_paired_conditions(tiny_qwen, tmp_path, monkeypa
     s = json.loads((out / "summary.json").read_text())
     assert s["pairs"] == 1 and s["success"] == {c: 100.0 * r[0] for c, r in pair["rewards"].items()}
     assert "| target - start |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- analyzer answers that always parse
+@pytest.mark.parametrize("n_steps", [1, 3, 12, 150])
+def test_forced_answers_name_a_step_of_the_rollout(policy, n_steps):
+    """--analyzer-forced: the JSON opening is given and the step number is drawn among the rollout's steps only (1..n,
+    at most 99), from the analyzer's own distribution; the rest is the model's."""
+    model, tok = policy
+    chats = [[{"role": "user", "content": f"Which step failed? {i}"}] for i in range(6)]
+    for variant, opening in (("multi", '{"failures": [{"step": '), ("single", '{"failure_step": ')):
+        answers = hintsd.forced_answers(model, tok, chats, [n_steps] * 6, variant, 6, 1.0, 1.0, seed=n_steps)
+        for a in answers:
+            assert a.startswith(opening)
+            step, rest = a[len(opening):].split(", ", 1)
+            assert 1 <= int(step) <= min(n_steps, 99) and rest.startswith('"feedback": "')
+        steps = {int(a[len(opening):].split(",")[0]) for a in answers}
+        assert n_steps < 12 or len(steps) > 1  # sampled, not fixed (temperature 1)
+    greedy = hintsd.forced_answers(model, tok, chats[:2], [3, 3], "multi", 4, 0.0, 1.0, seed=0)
+    assert greedy == hintsd.forced_answers(model, tok, chats[:2], [3, 3], "multi", 4, 0.0, 1.0, seed=1)
+
+
+# ----------------------------------------------------------------------------- corrections checked by replay
+FUEL = '<tool_call>\n{"name": "displayCarStatus", "arguments": {"option": "fuel"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("action,why", [
+    (FUEL, None),                                                                     # runs cleanly
+    ('<tool_call>\n{"name": "displayCarStatus", "arguments": {"option": "fuel"\n</tool_call>', "unparsed"),
+    ('<tool_call>\n{"name": "get_current_speed", "arguments": {}}\n</tool_call>', "unknown function"),
+    ('<tool_call>\n{"name": "displayCarStatus", "arguments": {}}\n</tool_call>', "error"),  # a missing argument
+    ('<tool_call>\n{"name": "startEngine", "arguments": {"ignitionMode": "START"}}\n</tool_call>', "error"),
+    ("The fuel level is fine.", None),                                                # ends the turn: nothing wrong
+    ('<tool_call>\n{"name": "lockDoors", "arguments": {"unlock": false}}\n</tool_call>', "same"),  # the student's
+])
+@pytest.mark.parametrize("protocol", envs.ACTION_PROTOCOLS)
+def test_a_correction_is_checked_by_replaying_the_environment(action, why, protocol):
+    task = envs.load_tasks("bfcl", "train", 1, ["multi_turn_base_93"])[0]
+    student = '<tool_call>\n{"name": "lockDoors", "arguments": {"unlock": false}}\n</tool_call>'
+    earlier = ['<tool_call>\n{"name": "get_current_speed", "arguments": {}}\n</tool_call>']
+    if protocol == "authors" and why == "unparsed":
+        why = "unparsed"  # a <tool_call> block whose JSON breaks: the authors skip it, so nothing runs either
+    assert envs.correction_problem(task, earlier, action, student, "json", 3, protocol) == why
+
+
+def test_verify_targets_keeps_what_replays_cleanly_and_counts_the_rest(policy, trajs):
+    model, tok = policy
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
+    targets = [hintsd.Target(i, j, "You should call ls.") for i, t in enumerate(trajs) for j in range(len(t.steps))]
+    kept, dropped = hintsd.verify_targets(model, tok, trajs, targets, None, tasks_by_id, 12, "json", "friendly", 4)
+    assert len(kept) + sum(dropped.values()) == len(targets) and set(dropped) <= set(envs.CORRECTION_PROBLEMS)
+    # the same check by hand: the teacher's greedy action at each target, replayed
+    for tg in targets:
+        t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
+        ctx = t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.start]
+        [out] = hintsd.generate(model, tok, [ctx], 12)
+        text = tok.decode(out.tokens[:-1] if out.stop == "eos" else out.tokens)
+        why = envs.correction_problem(tasks_by_id[t.task_id], [x.text for x in t.steps[:tg.step]], text, s.text,
+                                      "json", 4, "friendly")
+        assert (tg in kept) == (why is None)

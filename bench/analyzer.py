@@ -1,0 +1,146 @@
+"""The hindsight analyzer, offline: how often its answers name the step and the fix the oracle would, per setting.
+
+    python bench/analyzer.py                      # every setting on bench/analyzer_rollouts.jsonl (minutes)
+    python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
+
+The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with
+the cpu preset's rollout settings (friendly protocol, 4 rollouts a task at temperature 0.6, 3 env steps, 64 new
+tokens) and saved as action texts; each run replays them into trajectories (the environment's real answers and
+token ids, no model call). The analyzer is the initial policy, which is what the EMA teacher is at step 0.
+Each answer is scored against the BFCL oracle (envs.oracle_feedback: the first step that leaves the ground truth,
+and the right call there):
+  no target     the answer names no step (a parse failure, or every target dropped by replay)
+  first = oracle  its first target is the oracle's first wrong step (over rollouts where the oracle names one)
+  right function  that target's feedback names the function of the oracle's right call (where it names one)
+  executable    the teacher, given that feedback, writes an action at that step that parses, calls a known function
+                and gets no error back when the environment is replayed to it and runs it (hintsd.verify_targets)
+Settings (rows): compact = the cpu preset's analyzer (compact prompt, greedy, 128 tokens, lenient parser);
+authors = the paper's (the authors' view with the tool schemas, temperature 0.6, top-p 0.95, 512 tokens, strict
+parser); +forced = --analyzer-forced; +verify = the same answers with --verify-targets applied (its scores are over
+the targets replay kept).
+"""
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import envs  # noqa: E402
+import hintsd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLLOUTS = ROOT / "bench" / "analyzer_rollouts.jsonl"
+TASKS = ["multi_turn_base_93", "multi_turn_base_146", "multi_turn_base_105", "multi_turn_base_115",
+         "multi_turn_base_118", "multi_turn_base_127", "multi_turn_base_25", "multi_turn_base_9", "multi_turn_base_37",
+         "multi_turn_base_66", "multi_turn_base_164", "multi_turn_base_158"]  # 4 API classes
+SETTINGS = {  # name: (analyzer prompt, temperature, top-p, tokens, parser, forced)
+    "compact": ("compact", 0.0, 1.0, 128, "lenient", False),
+    "authors": ("authors", 0.6, 0.95, 512, "strict", False),
+    "authors+forced": ("authors", 0.6, 0.95, 512, "strict", True),
+    "compact+forced": ("compact", 0.0, 1.0, 128, "lenient", True),
+}
+SAMPLING = hintsd.SamplingConfig(max_new_tokens=64, temperature=0.6, max_len=8192)
+
+
+def make(a, model, tok):
+    """Sample the rollouts (4 per task) and save the failed ones as action texts."""
+    tasks = envs.load_tasks("bfcl", "train", 1, a.tasks)
+    with open(a.rollouts, "w") as f:
+        for task in tasks:
+            envs_ = [envs.make_env(task, "json", 3, "friendly") for _ in range(4)]
+            trajs = hintsd.rollout(model, tok, envs_, SAMPLING, [hintsd.seed_of(7, task["id"], r) for r in range(4)])
+            for t in trajs:
+                if t.reward < 1.0:
+                    f.write(json.dumps({"task_id": t.task_id, "actions": [s.text for s in t.steps]}) + "\n")
+            print(task["id"], [t.reward for t in trajs], flush=True)
+
+
+def replayed(model, tok, tasks_by_id) -> list:
+    """The saved rollouts as trajectories, replayed through the real environment (no model call)."""
+    rows = [json.loads(x) for x in open(ROLLOUTS)]
+    envs_ = [envs.make_env(tasks_by_id[r["task_id"]], "json", 3, "friendly") for r in rows]
+    trajs = hintsd.rollout(model, tok, envs_, SAMPLING, [0] * len(rows), forced=[r["actions"] for r in rows])
+    assert all(t.reward < 1.0 for t in trajs)
+    return trajs
+
+
+def oracle_of(task, t) -> tuple[int | None, str | None]:
+    """(the oracle's first wrong step, 0-based, or None; the function of its right call, or None)."""
+    found = envs.oracle_feedback(task, [(s.turn, s.text) for s in t.steps], "json", "friendly")
+    if not found:
+        return None, None
+    step, text = found[0]
+    name = re.search(r'"name": "([^"]+)"', text)
+    return step - 1, name[1] if name else None
+
+
+def score(trajs, answers_targets: list[list], oracle: list, executable: list[bool] | None) -> dict:
+    """The four shares (percent) over the rollouts; answers_targets[i]: the targets (Target) of rollout i."""
+    n = len(trajs)
+    none = sum(not tg for tg in answers_targets)
+    with_step = [i for i, (step, _) in enumerate(oracle) if step is not None and answers_targets[i]]
+    first = sum(answers_targets[i][0].step == oracle[i][0] for i in with_step)
+    named = [i for i, (_, fn) in enumerate(oracle) if fn and answers_targets[i]]
+    right = sum(oracle[i][1] in answers_targets[i][0].feedback for i in named)
+    out = {"no target": 100 * none / n, "first = oracle": 100 * first / max(len(with_step), 1),
+           "right function": 100 * right / max(len(named), 1)}
+    if executable is not None:
+        out["executable"] = 100 * sum(executable) / max(len(executable), 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--make", action="store_true", help="sample the rollouts file again")
+    ap.add_argument("--rollouts", default=str(ROLLOUTS))
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--model", default=hintsd.DEFAULT_MODEL)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    model, tok = hintsd.load_model(a.model, "cpu", None if a.dtype == "auto" else getattr(torch, a.dtype))
+    if a.make:
+        return make(a, model, tok)
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}
+    trajs = replayed(model, tok, tasks_by_id)
+    oracle = [oracle_of(tasks_by_id[t.task_id], t) for t in trajs]
+    print(f"{len(trajs)} failed rollouts of {len({t.task_id for t in trajs})} tasks; the oracle names a step in "
+          f"{sum(s is not None for s, _ in oracle)} and a function in {sum(f is not None for _, f in oracle)}; "
+          f"dtype {next(model.parameters()).dtype}", flush=True)
+    rows = []
+    for name in a.settings:
+        style, temp, top_p, tokens, parser, forced = SETTINGS[name]
+        cfg = hintsd.AnalyzerConfig("policy", style, parser, tokens, temp, top_p, forced=forced)
+        t0 = time.perf_counter()
+        h = hintsd.select_targets(model, tok, trajs, cfg, "multi", "bfcl", {}, tasks_by_id, "json", "friendly",
+                                  a.seed)
+        seconds = time.perf_counter() - t0
+        per = [[tg for tg in h.targets if tg.traj == i] for i in range(len(trajs))]
+        firsts = [p[0] for p in per if p]
+        t0 = time.perf_counter()  # replay verification of every target: "executable" is that of the first ones
+        kept, dropped = hintsd.verify_targets(model, tok, trajs, h.targets, None, tasks_by_id, 64, "json",
+                                              "friendly", 3)
+        verify_s = time.perf_counter() - t0
+        ok = {id(tg) for tg in kept}
+        rows.append((name, score(trajs, per, oracle, [id(tg) in ok for tg in firsts]), seconds, len(h.targets)))
+        per_kept = [[tg for tg in p if id(tg) in ok] for p in per]
+        rows.append((name + "+verify", score(trajs, per_kept, oracle, None), seconds + verify_s, len(kept)))
+        print(f"{name}: {seconds:.0f} s, {len(h.targets)} targets; verification {verify_s:.0f} s kept {len(kept)}, "
+              f"dropped {dropped}", flush=True)
+        for i, (ans, p) in enumerate(zip(h.answers, per)):
+            if i < 3:
+                print(f"  answer {i}: {ans[:300]!r} -> {[(tg.step + 1, tg.feedback[:80]) for tg in p]}")
+    print("\n| setting | no target | first = oracle | right function | executable | targets | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s, seconds, n in rows:
+        print(f"| {name} | {s['no target']:.0f}% | {s['first = oracle']:.0f}% | {s['right function']:.0f}% | "
+              f"{s.get('executable', 100.0):.0f}% | {n} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
