@@ -119,9 +119,12 @@ def cut_turns(task, k):
 def load_tasks(bench, split, turns=None, ids=None):
     """Tasks of a split. turns=K (BFCL only): every task cut to its first K user turns (see cut_turns); the
     split is drawn from the whole tasks first, so it does not depend on K. ids: only these tasks, in this order
-    (ValueError naming any id not in the split)."""
+    (ValueError naming any id not in the split, or given twice: it would count twice in Avg@k and in training)."""
     tasks = _split_tasks(bench, split, turns)
     if ids:
+        twice = sorted({i for i in ids if list(ids).count(i) > 1})
+        if twice:
+            raise ValueError(f"--tasks: each id once; given more than once: {twice}")
         by_id = {t["id"]: t for t in tasks}
         unknown = [i for i in ids if i not in by_id]
         if unknown:

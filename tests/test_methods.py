@@ -200,18 +200,18 @@ def test_ground_truth_replay_is_a_successful_rollout_without_the_model(policy, p
     assert tok.decode(prompts.encode_rendered(tok, text, contents)).startswith(tok.decode(t.tokens))
 
 
-def test_sft_dataset_adds_successful_external_trajectories_and_skips_bad_lines(policy, tmp_path, capsys):
+def test_sft_dataset_adds_successful_external_trajectories_and_skips_other_tasks(policy, tmp_path, capsys):
+    """(A malformed line is a parse error of --sft-data: tests/test_robustness.py.)"""
     model, tok = policy
     task = envs.load_tasks("bfcl", "train")[0]
     gt = envs.make_env(task).ground_truth_actions()
     f = tmp_path / "ext.jsonl"
     f.write_text("\n".join([json.dumps({"task_id": task["id"], "actions": gt}),                    # succeeds
                             json.dumps({"task_id": task["id"], "messages": [{"role": "assistant", "content": "hi"}]}),
-                            json.dumps({"task_id": "nope", "actions": gt}), "{ broken"]) + "\n")
+                            json.dumps({"task_id": "nope", "actions": gt})]) + "\n")
     demos = hintsd.sft_dataset(model, tok, [task], "json", "friendly", 16384, str(f))
     assert len(demos) == 2 and all(d.reward == 1.0 for d in demos)  # the replay and the good external line
-    err = capsys.readouterr().err
-    assert "line 3: skipped" in err and "line 4: skipped" in err
+    assert "line 3: skipped (task 'nope' is not among this run's train tasks)" in capsys.readouterr().err
 
 
 def test_rollout_with_replayed_prefix_and_hint(policy):

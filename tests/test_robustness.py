@@ -10,9 +10,12 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -151,7 +154,7 @@ def test_lock_refuses_second_process_on_same_out(tiny_qwen, tmp_path):
         assert "in use by another run" in b.stderr, b.stderr[-3000:]
         assert "Traceback" not in b.stderr
         assert a.poll() is None, "run A should still be running (and holding the lock)"
-        assert (out / "LOCK").read_text() == f"{socket.gethostname()} {a.pid}"
+        assert (out / "LOCK").read_text() == hintsd.lock_text(a.pid)  # host, pid and the process's start
         assert took < 120, f"run B took {took:.0f} s to give up"
     finally:
         a.kill()
@@ -618,27 +621,37 @@ def test_checkpoint_broken_twice_is_kept_twice(tiny_qwen, run2, tmp_path, capsys
     assert_rows(out, 3)
 
 
-def fake_cache(root: Path, complete: str | None) -> Path:
-    d = root / "qwen2.5-coder-0.5b-instruct"
-    d.mkdir(parents=True)
-    (d / "config.json").write_text("{}")
-    (d / "model.safetensors").write_bytes(b"\0" * 50)
-    if complete is not None:
+def fake_dequantize(dest: Path) -> None:
+    """A stand-in for dequantize_embedded (which reads the 491 MB GGUF): a small model dir."""
+    dest.mkdir()
+    (dest / "config.json").write_text("{}")
+    (dest / "model.safetensors").write_bytes(b"\0" * 50)
+
+
+def fake_cache(root: Path, complete: str | None, monkeypatch) -> Path:
+    """A cache built by build_embedded_cache around fake_dequantize; complete: COMPLETE's text instead (None: no
+    COMPLETE), or "keep" for the record the build wrote."""
+    monkeypatch.setattr(hintsd, "dequantize_embedded", fake_dequantize)
+    d = hintsd.build_embedded_cache(root)
+    if complete is None:
+        (d / "COMPLETE").unlink()
+    elif complete != "keep":
         (d / "COMPLETE").write_text(complete)
     return d
 
 
 @pytest.mark.parametrize("complete,word", [
-    (json.dumps({"config.json": 2, "model.safetensors": 100}), "truncated"),  # a file now shorter than listed
-    (json.dumps({"config.json": 2, "tokenizer.json": 10}), "incomplete"),     # a listed file gone
+    (json.dumps({"model.safetensors": {"size": 100, "mtime_ns": 0, "sha256": ""}}), "truncated"),  # now shorter
+    (json.dumps({"tokenizer.json": {"size": 10, "mtime_ns": 0, "sha256": ""}}), "incomplete"),  # a listed file gone
     ("done", "incomplete"),                                                    # an old cache: COMPLETE not JSON
-    ("[1, 2]", "incomplete"),                                                  # JSON, but not {file: size}
+    ("[1, 2]", "incomplete"),                                                  # JSON, but not {file: record}
+    (json.dumps({"config.json": 2, "model.safetensors": 50}), "incomplete"),  # an older version's {file: size}
     (None, "incomplete"),                                                      # no COMPLETE: never finished
 ])
 def test_embedded_cache_with_a_bad_file_is_rebuilt(tmp_path, monkeypatch, capsys, complete, word):
     """Item 9f: embedded_model on a cache whose COMPLETE lists a truncated or missing file, is not JSON, or is
     missing, calls build_embedded_cache (stubbed here) and says why on stderr."""
-    d = fake_cache(tmp_path, complete)
+    d = fake_cache(tmp_path, complete, monkeypatch)
     calls = []
     monkeypatch.setattr(hintsd, "build_embedded_cache", lambda cache_dir: calls.append(Path(cache_dir)) or d)
     assert hintsd.embedded_model(tmp_path) == str(d)
@@ -648,8 +661,8 @@ def test_embedded_cache_with_a_bad_file_is_rebuilt(tmp_path, monkeypatch, capsys
 
 
 def test_intact_embedded_cache_is_not_rebuilt(tmp_path, monkeypatch):
-    """Item 9f: a cache whose files all have their COMPLETE sizes is used as it is."""
-    d = fake_cache(tmp_path, json.dumps({"config.json": 2, "model.safetensors": 50}))
+    """Item 9f: a cache whose files all match their COMPLETE record is used as it is."""
+    d = fake_cache(tmp_path, "keep", monkeypatch)
     monkeypatch.setattr(hintsd, "build_embedded_cache", no_model)
     assert hintsd.embedded_model(tmp_path) == str(d)
 
@@ -728,3 +741,454 @@ def test_unknown_lora_target_is_a_clean_error(tiny_qwen, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         hintsd.main(cli(tiny_qwen, tmp_path / "run", 1, changes={"--lora-targets": "qproj"}))
     assert "--lora-targets" in str(e.value.code) + capsys.readouterr().err
+
+
+# ============================================================================= issue 26: hostile endpoints, shared
+# caches and stale locks. The endpoint tests run scripted HTTP servers on 127.0.0.1 and 127.0.0.2 (each bounded in
+# requests and seconds, shut down by the fixture); the lock and cache tests use real processes.
+class HostileHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        srv = self.server
+        if len(srv.requests) >= srv.limit:
+            return
+        head = []
+        while (line := self.rfile.readline(65537)) not in (b"\r\n", b"\n", b""):
+            head.append(line.decode("latin-1").strip())
+        headers = {k.lower(): v for k, _, v in (h.partition(": ") for h in head[1:])}
+        srv.requests.append((head[0] if head else "", headers, self.rfile.read(int(headers.get("content-length", 0)))))
+        try:
+            srv.script(self.wfile) if callable(srv.script) else self.wfile.write(srv.script)
+        except OSError:  # the client hung up
+            pass
+
+
+class Hostile(socketserver.ThreadingTCPServer):
+    """An HTTP server on a loopback address that answers each request (read whole, recorded in .requests) with
+    `script`: bytes, or a function that writes what it likes to the socket's file. At most `limit` requests."""
+    daemon_threads = True
+
+    def __init__(self, host: str, script, limit: int = 10):
+        super().__init__((host, 0), HostileHandler)
+        self.script, self.limit, self.requests = script, limit, []
+        self.url = f"http://{host}:{self.server_address[1]}/v1/chat/completions"
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+
+@pytest.fixture
+def hostile():
+    """Start Hostile servers with hostile(host, script); all are shut down at the end of the test."""
+    servers = []
+    yield lambda *a, **k: servers.append(Hostile(*a, **k)) or servers[-1]
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def reply(body: bytes, status: str = "200 OK", extra: str = "") -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n" \
+        .encode() + body
+
+
+def answer_body(text: str) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+CHAT = [{"role": "user", "content": "analyze this"}]
+
+
+def ask(url: str, tokens: int = 64, timeout: float = 5.0, retries: int = 1) -> str:
+    [text] = prompts.ask_endpoint(url, "judge", [CHAT], tokens, 0.0, 1.0, timeout, retries)
+    return text
+
+
+@pytest.mark.parametrize("status", ["301 Moved Permanently", "302 Found", "303 See Other", "307 Temporary Redirect",
+                                    "308 Permanent Redirect"])
+def test_endpoint_never_follows_a_redirect_nor_sends_another_services_key(hostile, monkeypatch, capsys, status):
+    """Issue 26 item 1: a redirect from the analyzer host (127.0.0.1) to another host (127.0.0.2) is not followed:
+    the other host gets no request and no key, its answer is never used. $OPENAI_API_KEY is never sent."""
+    monkeypatch.setenv("HINTSD_ANALYZER_KEY", "sk-analyzer")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    thief = hostile("127.0.0.2", reply(answer_body('{"failures": [{"step": 1, "feedback": "stolen"}]}')))
+    redirect = hostile("127.0.0.1", reply(b"", status, f"Location: {thief.url}\r\n"))
+    assert ask(redirect.url) == ""
+    assert thief.requests == []
+    assert redirect.requests[0][1]["authorization"] == "Bearer sk-analyzer"  # the configured host only
+    assert "redirects are not followed" in capsys.readouterr().err
+    monkeypatch.delenv("HINTSD_ANALYZER_KEY")
+    plain = hostile("127.0.0.1", reply(answer_body("ok")))
+    assert ask(plain.url) == "ok"
+    assert "authorization" not in plain.requests[0][1]  # no $HINTSD_ANALYZER_KEY: no key at all
+
+
+@pytest.mark.parametrize("url", ["http://user:sk-secret@127.0.0.1:9/v1", "https://:sk-secret@api.example.com/v1",
+                                 "http://127.0.0.1:9/v1?api_key=sk-secret", "http://127.0.0.1:9/v1?token=sk-secret",
+                                 "ftp://127.0.0.1/sk-secret", "127.0.0.1:9/sk-secret", "http://127.0.0.1:99999/x"])
+def test_analyzer_url_with_credentials_or_not_http_is_refused_at_parse_time(tmp_path, monkeypatch, capsys, url):
+    """Issue 26 item 1: the URL is saved in every checkpoint's settings, so credentials in it are refused (exit 2),
+    before the run dir exists, and the message never repeats the URL (the secret)."""
+    monkeypatch.setattr(hintsd, "load_model", no_model)
+    with pytest.raises(SystemExit) as e:
+        hintsd.main(["--out", str(tmp_path / "run"), "--feedback", "external", "--analyzer-model", "m",
+                     "--analyzer-url", url])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--analyzer-url" in err and "sk-secret" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def deep_json(w):
+    w.write(reply(b'{"choices": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"))
+
+
+MALFORMED = {
+    "not HTTP": b"garbage\r\n\r\n",
+    "closed at once": b"",
+    "incomplete body": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"choices\"",
+    "header line too long": b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n",
+    "101 headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+    "bad chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "deeply nested JSON": deep_json,
+    "JSON of the wrong shape": reply(b'{"choices": {"message": 1}}'),
+    "HTTP 500": reply(b"oops", "500 Internal Server Error"),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_endpoint_reply_is_an_analyzer_failure_never_an_error(hostile, capsys, name):
+    """Issue 26 item 2: an HTTPException (BadStatusLine, RemoteDisconnected, IncompleteRead, LineTooLong, more than
+    100 headers), a RecursionError from deep JSON, or any other bad reply is retried, then gives "" (a parse
+    failure); nothing escapes the worker threads."""
+    srv = hostile("127.0.0.1", MALFORMED[name])
+    t0 = time.time()
+    assert prompts.ask_endpoint(srv.url, "judge", [CHAT] * 2, 64, 0.0, 1.0, 10, 2) == ["", ""]
+    assert len(srv.requests) == 4 and time.time() - t0 < 8  # each chat tried twice (one backoff of 1 s)
+    assert "analyzer endpoint" in capsys.readouterr().err
+
+
+def drip(w):
+    """A whole, valid reply, one byte every 50 ms (about 6 s), as long as the client listens (at most 10 s)."""
+    t0 = time.time()
+    for b in reply(answer_body("slow" * 20)):
+        if time.time() - t0 > 10:
+            return
+        w.write(bytes([b]))
+        time.sleep(0.05)
+
+
+def endless(w):
+    """A chunked body that never ends (64 KiB chunks, at most 10 s)."""
+    w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    t0 = time.time()
+    while time.time() - t0 < 10:
+        w.write(b"10000\r\n" + b"[" * 0x10000 + b"\r\n")
+
+
+def huge(w):
+    """A 500 MB Content-Length, streamed (at most 10 s)."""
+    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 500000000\r\n\r\n")
+    t0 = time.time()
+    while time.time() - t0 < 10:
+        w.write(b" " * 0x10000)
+
+
+def test_endpoint_request_is_bounded_in_time_bytes_and_answer_length(hostile, capsys):
+    """Issue 26 item 3: --analyzer-timeout bounds a whole request, retries included (a reply sent one byte at a
+    time is cut at the deadline); a body longer than the cap is refused after reading the cap (an endless chunked
+    stream, a 500 MB body); an answer is cut to --analyzer-tokens x CHARS_PER_TOKEN characters before it is parsed
+    or stored."""
+    slow = hostile("127.0.0.1", drip)
+    t0 = time.time()
+    assert ask(slow.url, timeout=1.0, retries=3) == ""
+    assert time.time() - t0 < 2.5
+    for script in (endless, huge):
+        srv = hostile("127.0.0.1", script)
+        t0 = time.time()
+        assert ask(srv.url, timeout=20.0) == ""
+        assert time.time() - t0 < 5
+        assert "reply longer than" in capsys.readouterr().err
+    long = hostile("127.0.0.1", reply(answer_body("x" * 200_000)))
+    assert ask(long.url, tokens=64) == "x" * (64 * prompts.CHARS_PER_TOKEN)
+
+
+LOCKER = """import sys, time
+from pathlib import Path
+import hintsd
+with hintsd.run_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def start_locker(out: Path, prefix=()) -> subprocess.Popen:
+    """A real process that takes out/LOCK with run_lock and holds it (until killed); returns once it holds it."""
+    p = subprocess.Popen([*prefix, sys.executable, "-c", LOCKER, str(out)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    assert p.stdout.readline().strip() == "held", p.stdout.read()
+    return p
+
+
+def unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_lock_names_its_process_so_pid_1_own_pid_and_reused_pids_are_taken_over(tmp_path, capsys):
+    """Issue 26 item 4: LOCK holds host, pid and the process's boot id and start time. A real live holder is
+    refused; a lock of pid 1 (this host's init, another process), of this very process, or of a live pid whose
+    start time differs (the pid was reused) is stale and taken over with a message. Where `unshare` works: a run
+    that was pid 1 of a pid namespace, killed, is resumed without touching LOCK (the issue's reproduction)."""
+    host, me = socket.gethostname(), hintsd.process_start(os.getpid())
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = start_locker(out)
+    try:
+        assert (out / "LOCK").read_text() == hintsd.lock_text(holder.pid)
+        assert hintsd.lock_holder(out / "LOCK") == f"host {host}, pid {holder.pid}"
+        with pytest.raises(SystemExit, match="in use by another run"), hintsd.run_lock(out):
+            pass
+        assert (out / "LOCK").read_text() == hintsd.lock_text(holder.pid)
+        stale = {"pid 1 (init here)": f"{host} 1 {me.split('/')[0]}/1234567890",
+                 "this process": hintsd.lock_text(os.getpid()),
+                 "a reused pid": f"{host} {holder.pid} {me.split('/')[0]}/1234567890"}
+        for why, text in stale.items():
+            d = tmp_path / why.replace(" ", "-")
+            d.mkdir()
+            (d / "LOCK").write_text(text)
+            assert hintsd.lock_holder(d / "LOCK") is None, why
+            with hintsd.run_lock(d):
+                assert (d / "LOCK").read_text() == hintsd.lock_text(os.getpid())
+            assert "taking over the lock" in capsys.readouterr().err, why
+            assert not (d / "LOCK").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    if not unshare_works():
+        pytest.skip("unshare --pid is not allowed here (the cases above ran)")
+    out = tmp_path / "container"
+    out.mkdir()
+    pid1 = start_locker(out, ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"])
+    assert hintsd.lock_fields(out / "LOCK")[1] == "1"  # it was pid 1 of its namespace
+    pid1.kill()  # unshare dies, and with it (--kill-child) the namespace's pid 1
+    pid1.wait()
+    with hintsd.run_lock(out):
+        pass
+    assert "taking over the lock of process 1" in capsys.readouterr().err
+
+
+CACHE_BUILDER = """import hashlib, os, sys, time
+from pathlib import Path
+import hintsd
+cache, log, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+
+def slow_fake_dequantize(dest):  # the real step dequantizes the 491 MB GGUF; the locking around it is the same
+    with open(log, "a") as f:
+        f.write(f"build {os.getpid()}\\n")
+    dest.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        time.sleep(0.3)
+        (dest / name).write_bytes(os.urandom(10_000))
+
+hintsd.dequantize_embedded = slow_fake_dequantize
+Path(f"{go}.ready-{os.getpid()}").write_text("")
+while not go.exists():
+    time.sleep(0.005)
+d = Path(hintsd.embedded_model(cache))
+print(d, {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())})
+"""
+
+
+def test_embedded_cache_is_built_once_by_processes_started_together(tmp_path):
+    """Issue 26 item 5: two real processes (torchrun ranks on a fresh machine) call embedded_model on the same
+    empty cache at the same moment: one builds (a fake build step, slow, under the real lock and publish), the
+    other waits, and both load the same finished files; no temp file is left."""
+    cache, log, go = tmp_path / "cache", tmp_path / "builds.log", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CACHE_BUILDER, str(cache), str(log), str(go)], cwd=REPO,
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("go.ready-*"))) < 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].communicate()
+            time.sleep(0.01)
+        go.write_text("")
+        results = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), results
+    assert results[0][0] == results[1][0] and "model.safetensors" in results[0][0]  # the same files, same bytes
+    assert len(log.read_text().splitlines()) == 1  # built once
+    assert sum("waiting for another process" in err for _, err in results) == 1
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", hintsd.EMBEDDED_DIR]
+    assert hintsd.cache_problem(cache / hintsd.EMBEDDED_DIR) is None
+
+
+def test_embedded_cache_file_replaced_by_one_of_the_same_size_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 5: COMPLETE records each file's size, mtime and sha256. A file replaced by another of the same
+    size (a new mtime, another hash) is found and the cache rebuilt; a file only touched (same bytes) is hashed and
+    kept."""
+    d = fake_cache(tmp_path, "keep", monkeypatch)
+    weights = d / "model.safetensors"
+    os.utime(weights, ns=(0, 10**18))  # touched: the hash still matches
+    monkeypatch.setattr(hintsd, "build_embedded_cache", no_model)
+    assert hintsd.cache_problem(d) is None and hintsd.embedded_model(tmp_path) == str(d)
+    weights.write_bytes(b"\1" * 50)  # the same size, other bytes
+    assert hintsd.cache_problem(d) == "has a changed file (model.safetensors)"
+    calls = []
+    monkeypatch.setattr(hintsd, "build_embedded_cache", lambda cache_dir: calls.append(cache_dir) or d)
+    hintsd.embedded_model(tmp_path)
+    assert calls == [tmp_path] and "has a changed file (model.safetensors); rebuilding it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "not creatable", "read-only"])
+def test_hintsd_cache_that_cannot_hold_a_cache_is_a_one_line_error(tmp_path, kind):
+    """Issue 26 item 5: HINTSD_CACHE naming a file, a path under a file, a dir that cannot be made, or a read-only
+    empty dir: one line naming the dir and the cause, no traceback."""
+    (tmp_path / "f").write_text("x")
+    path = {"a file": tmp_path / "f", "under a file": tmp_path / "f" / "cache", "not creatable": Path("/proc/hintsd"),
+            "read-only": tmp_path / "ro"}[kind]
+    if kind == "read-only":
+        path.mkdir()
+        path.chmod(0o555)
+        if os.access(path, os.W_OK):
+            pytest.skip("running as root: a read-only dir is writable")
+    with pytest.raises(SystemExit) as e:
+        hintsd.embedded_model(path)
+    msg = str(e.value.code)
+    assert str(path) in msg and "HINTSD_CACHE" in msg and "\n" not in msg
+
+
+def test_trim_jsonl_streams_in_constant_memory(tmp_path):
+    """Issue 26 item 6: trimming a 40 MB rollouts log (400 rows of 100 kB, a half-written last row) keeps rows
+    1..200 exactly, with a Python memory peak of a few rows, not of the file."""
+    path = tmp_path / "rollouts.jsonl"
+    rows = [json.dumps({"step": i, "answers": ["x" * 100_000]}) + "\n" for i in range(1, 401)]
+    with open(path, "w") as f:
+        f.writelines(rows)
+        f.write('{"step": 401, "answers": ["x')
+    tracemalloc.start()
+    try:
+        hintsd.trim_jsonl(path, 200)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert path.read_text() == "".join(rows[:200])
+    assert peak < 2_000_000, f"peak {peak / 1e6:.1f} MB for a {40} MB file"
+
+
+def sft_file(tmp_path: Path, lines: list) -> Path:
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(b"".join(x if isinstance(x, bytes) else (json.dumps(x) + "\n").encode() for x in lines))
+    return path
+
+
+GOOD_SFT = {"task_id": TASK, "actions": ["a", "b"]}
+BAD_SFT = {
+    "binary": ([b"\xff\xfe\x00\x01garbage\n"], 1, "UTF-8"),
+    "not JSON": ([GOOD_SFT, b"{ broken\n"], 2, "JSON"),
+    "actions a string": ([GOOD_SFT, GOOD_SFT, {"task_id": TASK, "actions": "abc"}], 3, "actions"),
+    "actions of numbers": ([{"task_id": TASK, "actions": [1, 2]}], 1, "actions"),
+    "empty actions": ([{"task_id": TASK, "actions": []}], 1, "actions"),
+    "task_id a number": ([{"task_id": 105, "actions": ["a"]}], 1, "task_id"),
+    "no task_id": ([{"actions": ["a"]}], 1, "task_id"),
+    "a list": ([["a"]], 1, "task_id"),
+    "messages not a list": ([{"task_id": TASK, "messages": "hi"}], 1, "messages"),
+    "message content not text": ([{"task_id": TASK, "messages": [{"role": "assistant", "content": [1]}]}], 1,
+                                 "messages"),
+    "action too long": ([{"task_id": TASK, "actions": ["x" * (64 * prompts.CHARS_PER_TOKEN + 1)]}], 1, "cannot fit"),
+    "a 20 MB line": ([GOOD_SFT, b'{"task_id": "t", "actions": ["' + b"a" * 20_000_000 + b'"]}\n'], 2, "longer"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_SFT)
+def test_bad_sft_data_is_refused_at_parse_time_naming_its_line(tmp_path, monkeypatch, capsys, name):
+    """Issue 26 item 7: --sft-data is read at parse time, line by line (a long line is never read whole): a binary
+    file, a line that is not JSON, a task_id that is not a string, actions that are not a list of strings
+    ("abc" was three one-letter actions), a malformed chat, or actions that cannot fit --max-len are a parse error
+    (exit 2) naming the line, before the model loads and before anything is tokenized."""
+    lines, n, word = BAD_SFT[name]
+    monkeypatch.setattr(hintsd, "load_model", no_model)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        hintsd.main(["--out", str(tmp_path / "run"), "--method", "sft", "--max-len", "64",
+                     "--sft-data", str(sft_file(tmp_path, lines))])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--sft-data {tmp_path / 'sft.jsonl'}: line {n}:" in err and word in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()[-1]) < 400 and time.time() - t0 < 5
+    assert not (tmp_path / "run").exists()
+
+
+def test_good_sft_data_is_read_as_actions(tmp_path):
+    """Issue 26 item 7: both record kinds, and blank lines, are read as (line, task_id, actions)."""
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a1"}, {"role": "tool", "content": "t"},
+            {"role": "assistant", "content": "a2"}]
+    path = sft_file(tmp_path, [GOOD_SFT, b"\n", {"task_id": "x", "messages": chat}])
+    assert hintsd.read_sft_data(str(path), 64) == [(1, TASK, ["a", "b"]), (3, "x", ["a1", "a2"])]
+
+
+def test_duplicate_tasks_are_refused_in_training_and_eval(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 8: a task id given twice in --tasks (it would count twice in Avg@k, or weigh double in
+    training) is a one-line parse error (exit 2) in hintsd.py and eval.py, before any model work."""
+    import eval as eval_py
+    monkeypatch.setattr(hintsd, "load_model", no_model)
+    other = envs.load_tasks("bfcl", "train")[1]["id"]
+    with pytest.raises(SystemExit) as e:
+        hintsd.main(["--out", str(tmp_path / "run"), "--tasks", TASK, other, TASK])
+    assert e.value.code == 2 and f"given more than once: ['{TASK}']" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    test_id = envs.load_tasks("bfcl", "test")[0]["id"]
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(["--out", str(tmp_path / "eval"), "--k", "2", "--tasks", test_id, test_id])
+    assert e.value.code == 2 and f"given more than once: ['{test_id}']" in capsys.readouterr().err
+
+
+DISK_FULL = """import json, os, resource, signal, sys
+from pathlib import Path
+import torch
+import eval as eval_py
+import hintsd
+out = Path(sys.argv[1])
+hintsd.save_checkpoint(out, 1, {"step": 1, "x": torch.zeros(10)}, {"a": 1})  # written before the disk fills
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # no file may grow past 100 kB
+
+def attempt(write):
+    try:
+        write()
+        return "no error"
+    except SystemExit as e:
+        return str(e.code)
+
+big = hintsd.Trajectory("t", "base", [{"role": "user", "content": "x" * 200_000}])
+hintsd.rollout = lambda model, tok, envs_, *a: [big for _ in envs_]  # (no model: the writes are under test)
+task = hintsd.envs.load_tasks("bfcl", "test")[:1]
+print(json.dumps({
+    "checkpoint": attempt(lambda: hintsd.save_checkpoint(out, 2, {"step": 2, "x": torch.zeros(100_000)}, {"a": 1})),
+    "metrics": attempt(lambda: hintsd.log_step(out, {"step": 2}, [], ["x" * 200_000])),
+    "eval": attempt(lambda: eval_py.evaluate(None, None, task, 1, hintsd.SamplingConfig(), out_dir=out / "eval")),
+}))
+"""
+
+
+def test_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path):
+    """Issue 26 item 9: writes that fail (a real process whose files may not grow past 100 kB, RLIMIT_FSIZE: the
+    same short writes and errors as a full disk) stop with one line naming the file and the cause: a checkpoint's
+    state.pt (torch.save alone would say "enforce fail ... unexpected pos"), the rollouts log, an eval's
+    trajectories. The previous checkpoint and LATEST stay intact, and no temp dir is left."""
+    out = tmp_path / "run"
+    out.mkdir()
+    p = subprocess.run([sys.executable, "-c", DISK_FULL, str(out)], cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert all("\n" not in msg and msg.startswith("cannot write ") for msg in got.values()), got
+    assert "state.pt: File too large; the last checkpoint is intact" in got["checkpoint"]  # not torch's "pos"
+    assert "rollouts.jsonl: File too large" in got["metrics"]
+    assert "trajectories.jsonl.tmp: File too large" in got["eval"]
+    assert (out / "LATEST").read_text() == "ckpt-000001"
+    state, settings = hintsd.read_checkpoint(out / "ckpt-000001", "cpu")
+    assert state["step"] == 1 and settings == {"a": 1}
+    assert not list(out.glob(".ckpt-*")) and not list(out.glob("LATEST.tmp-*"))
+    assert "Traceback" not in p.stderr
