@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make run    set up .venv and run the main job (HINT-SD on BFCL with the embedded model)
+#   make run    set up .venv and run the main job (HINT-SD on BFCL; on a CPU with the embedded model)
 #   make test   set up .venv (and .venv-appworld for the AppWorld engine tests) and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -18,21 +18,27 @@ Two action protocols (ACTION_PROTOCOLS); both score with the same official check
   authors: the environment of the paper's code (wgcyeo/HINT-SD, env/service/environments/bfcl). env.tools is [];
     the system prompt lists the raw BFCL docs of ALL functions of the involved classes (excluded ones included)
     in <tools></tools>, the first user turn follows. Only <tool_call>{...}</tool_call> blocks with "name" and
-    "arguments" count; other blocks are skipped silently, and a reply without any valid block ends the user turn
-    (no error message). All results of a reply come back as ONE user message of <tool_call> blocks
-    {"name": "<function>_<k>", "content": <result>}; errors read "Error during execution: ...". The end of the
-    conversation is the user message "[CONVERSATION_COMPLETED]". json format only.
+    "arguments" count; other blocks are skipped silently, and a reply without any such block ends the user turn
+    (no error message), also at the step cap (the next query is still returned). Every counted block runs, as
+    their executor runs the string name(k=repr(v), ...): "arguments" that are not an object (or a JSON string of
+    one) mean no arguments, and the text a reply reads back is bfcl's: str() of a result that is not a str or a
+    dict, "Error during execution: " + the exception's text. All results of a reply come back as ONE user message
+    of <tool_call> blocks {"name": "<function>_<k>", "content": <result>}. The end of the conversation is the user
+    message "[CONVERSATION_COMPLETED]". The reward is the checker's only for a completed conversation in which
+    every user turn made a call (their _extract_multi_turn_responses drops turns without one), else 0. json only.
 
 max_steps caps the assistant steps of the whole episode (official BFCL caps 20 steps per user turn). As in
 the official runner, an episode stopped before its last user turn gets reward 0.
 
 Safety: model text is never eval'd. Calls are parsed with json / ast.literal_eval, dispatched by name to
 the backend instance, and the official checker (which eval()s call strings) only sees strings that we
-render ourselves from validated calls. Parsing is linear in the text's length; friendly replies over
-MAX_ACTION_CHARS characters are refused with an error before any parsing.
+render ourselves from validated calls. Under the authors' protocol a name that is not a method of the task's
+classes runs nothing (their eval() would reach Python's builtins and bfcl's module globals). Parsing is linear in
+the text's length; friendly replies over MAX_ACTION_CHARS characters are refused with an error before any parsing.
 """
 import ast
 import bisect
+import builtins
 import copy
 import functools
 import importlib
@@ -43,6 +49,7 @@ import math
 import random
 import re
 import uuid
+import warnings
 from pathlib import Path
 
 import bfcl_eval
@@ -70,6 +77,8 @@ SCHEMA_TYPES = {"dict": "object", "object": "object", "float": "number", "double
                 "list": "array", "tuple": "array", "null": "null"}
 # numeric arguments that make a backend hang (huge int powers, mpmath / decimal precision): capped
 ARG_LIMITS = {("power", "exponent"): 1000, ("logarithm", "precision"): 1000, ("square_root", "precision"): 1000}
+# names bfcl's executor refuses before its eval() (execute_multi_turn_func_call), as the authors' env runs it
+AUTHORS_REFUSED = ("kill", "exit", "quit", "remove", "unlink", "popen", "Popen", "run")
 SYSTEM_JSON = ("You are an agent that completes the user's requests by calling the provided functions. "
                "You may call functions over several steps and will see their results. When the request "
                "is done, or cannot be done with the functions, answer in plain text without a call.")
@@ -397,19 +406,27 @@ def _authors_blocks(text):
     return blocks
 
 
+def authors_arguments(arguments):
+    """What the authors' _convert_tool_calls_to_execution_format makes of "arguments": a string is JSON-decoded,
+    and whatever is then not an object (or did not decode) means no arguments: they run name()."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return {}
+    return arguments if isinstance(arguments, dict) else {}
+
+
 def _authors_call(block):
-    """One matched block -> (name, args), or None where the authors' parser skips it (invalid JSON, not a dict,
-    no "name" or "arguments") or where the call fails our checks (_check_call)."""
+    """One matched block -> (name, arguments as authors_arguments gives them), or None where the authors' parser
+    skips it (invalid JSON, not a dict, no "name" or "arguments"). The name may be any JSON value."""
     try:
         obj = json.loads(block)
-        if not isinstance(obj, dict) or "name" not in obj or "arguments" not in obj:
-            return None
-        args = obj["arguments"]
-        if isinstance(args, str):
-            args = json.loads(args) if args.strip() else {}
-        return None if _check_call(obj["name"], args) else (obj["name"], args)
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
+    if not isinstance(obj, dict) or "name" not in obj or "arguments" not in obj:
+        return None
+    return obj["name"], authors_arguments(obj["arguments"])
 
 
 def _parse_authors(text):
@@ -430,7 +447,8 @@ def _check_protocol(action_format, protocol):
 def parse_calls(text, action_format, protocol="friendly"):
     """Assistant text -> (calls, error). calls: [(name, kwargs)]. friendly: all or nothing: if any call is
     malformed, calls is [] and error says why; ([], None) means the text makes no call attempt. authors: the
-    calls of the valid <tool_call> blocks, the others skipped silently; error is always None."""
+    calls of the <tool_call> blocks with "name" and "arguments", the others skipped silently; names and argument
+    keys unchecked (BFCLEnv runs them as the authors do, safely); error is always None."""
     _check_protocol(action_format, protocol)
     if protocol == "authors":
         return _parse_authors(text)
@@ -499,6 +517,66 @@ def authors_results_text(results):
     return "\n".join(blocks) + "\n"
 
 
+def _over_limit(name, args):
+    """Why a call must not run (a numeric argument over ARG_LIMITS, which would hang the backend), or None."""
+    for k, v in args.items():
+        limit = ARG_LIMITS.get((name, k))
+        if limit is not None and isinstance(v, (int, float)) and abs(v) > limit:
+            return f"argument {k!r} of {name} must be at most {limit} in magnitude."
+    return None
+
+
+def _nonfinite(values):
+    """'inf' or 'nan' for the first non-finite float among the values (depth first, in order), else None."""
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            return repr(abs(v))
+        inner = v if isinstance(v, list) else v.values() if isinstance(v, dict) else ()
+        if bad := _nonfinite(inner):
+            return bad
+    return None
+
+
+def authors_result(result):
+    """A backend result as bfcl's executor returns it to the authors' env: a str as is, a dict as json.dumps (its
+    str() if that fails), anything else as str() (a list reads ['a', 'b'], None reads None)."""
+    if type(result) is str:
+        return result
+    if type(result) is dict:
+        try:
+            return json.dumps(result)
+        except (TypeError, ValueError, RecursionError):
+            return str(result)
+    return str(result)
+
+
+def _decoded(v, nested):
+    """An argument value after bfcl's decode_execute (ast_parse, then parse_nested_value), which the authors' checker
+    runs on their call string: inf / nan come back as the strings 'inf' / 'nan', -inf does not decode; a dict met
+    through dicts from the top (not inside a list) whose values are all dicts (or none) reads as a function call,
+    and one with a key that needs escaping is rendered unescaped. ValueError for those: the checker skips them."""
+    if isinstance(v, float) and not math.isfinite(v):
+        if v < 0:
+            raise ValueError("-inf does not decode")
+        return repr(v)
+    if isinstance(v, list):
+        return [_decoded(x, False) for x in v]
+    if isinstance(v, dict):
+        out = {k: _decoded(x, nested) for k, x in v.items()}
+        if nested and (all(isinstance(x, dict) for x in out.values()) or any(repr(k) != f"'{k}'" for k in out)):
+            raise ValueError("decodes to another call")
+        return out
+    return v
+
+
+def authors_checker_args(args):
+    """The arguments of a call as the authors' checker receives them (see _decoded), or None when it skips it."""
+    try:
+        return {k: _decoded(v, True) for k, v in args.items()}
+    except (ValueError, RecursionError):
+        return None
+
+
 class BFCLEnv:
     """One BFCL multi-turn task with live backend instances. Construction already resets it."""
 
@@ -539,29 +617,60 @@ class BFCLEnv:
         docs = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in self.schemas)
         return [{"role": "system", "content": SYSTEM_PYTHON.format(docs=docs)}] + first
 
-    def _error(self, ours, bfcl):
-        """An error result: ours ("Error: ...") under friendly, BFCL's executor wording under authors."""
-        return f"Error during execution: {bfcl}" if self.protocol == "authors" else f"Error: {ours}"
-
     def execute(self, name, args):
-        """Run one parsed call on the backend; returns (result text, whether it ran)."""
+        """Run one parsed call on the backend (friendly protocol); returns (result text, whether it ran)."""
         if name not in self.methods:
-            return self._error(f"unknown function {name!r}.", f"name {name!r} is not defined"), False
+            return f"Error: unknown function {name!r}.", False
         method = self.methods[name]
         try:
             inspect.signature(method).bind(**args)
         except TypeError as e:
-            return self._error(f"bad arguments for {name}: {e}", f"{name}() {e}"), False
-        for k, v in args.items():
-            limit = ARG_LIMITS.get((name, k))
-            if limit is not None and isinstance(v, (int, float)) and abs(v) > limit:
-                msg = f"argument {k!r} of {name} must be at most {limit} in magnitude."
-                return self._error(msg, msg), False
+            return f"Error: bad arguments for {name}: {e}", False
+        if msg := _over_limit(name, args):
+            return f"Error: {msg}", False
         try:
             result = method(**args)
             return (result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)), True
         except Exception as e:  # it ran: state may have changed
-            return self._error(f"{name} raised {type(e).__name__}: {e}", str(e)), True
+            return f"Error: {name} raised {type(e).__name__}: {e}", True
+
+    def execute_authors(self, name, args):
+        """One call as the authors' env runs it: bfcl's executor eval()s their string name(k=repr(v), ...). Here
+        that string is only parsed, and only a method of the task's classes is called, with the JSON values.
+        Returns (result text, the call string for the checker or None when the checker must not see it)."""
+        text = call_to_str(name, args)
+        head = text.split("(")[0]
+        head = head.split(".")[1] if "." in head else head
+        # the executor refuses these names before its eval(), in the env and in the checker alike
+        refused = f"Error during execution: Function call {head} is not allowed." if head in AUTHORS_REFUSED else None
+        try:
+            with warnings.catch_warnings():  # e.g. "'NoneType' object is not callable; perhaps you missed a comma?"
+                warnings.simplefilter("ignore")
+                compile(text, "<string>", "eval")  # compiled, never run: eval()'s SyntaxError, if any
+                node = ast.parse(text, mode="eval").body
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as e:  # their checker cannot decode it either
+            return refused or f"Error during execution: {e}", None
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+            return refused or f"Error during execution: name {head!r} is not defined", None
+        fid, kwargs = node.func.id, dict(zip((kw.arg for kw in node.keywords), args.values()))  # names as eval sees
+        method = self.methods.get(name) if fid == name else None  # bfcl prefixes only ASCII names of methods
+        checked = authors_checker_args(kwargs)
+        # the checker may replay a method, a refused name or an unknown one (a NameError there); never a Python
+        # builtin or a global of bfcl's module, which its eval() would run
+        safe = method or refused or not (hasattr(builtins, fid) or fid in vars(multi_turn_utils))
+        record = call_to_str(fid, checked) if checked is not None and safe else None
+        if refused:
+            return refused, record
+        if method is None:
+            return f"Error during execution: name {fid!r} is not defined", record
+        if bad := _nonfinite(kwargs.values()):  # eval reads repr(inf) / repr(nan) as names
+            return f"Error during execution: name {bad!r} is not defined", record
+        if msg := _over_limit(name, kwargs):
+            return f"Error during execution: {msg}", None
+        try:
+            return authors_result(method(**kwargs)), record
+        except Exception as e:  # it ran: state may have changed
+            return f"Error during execution: {e}", record
 
     def step(self, assistant_text):
         """Friendly: tool messages for a step with calls (or one error message); the next user turn ([] at the
@@ -587,10 +696,12 @@ class BFCLEnv:
 
     def _step_authors(self, text):
         calls, _ = parse_calls(text, self.action_format, "authors")
-        if not calls:  # no valid <tool_call> block: the user turn ends
+        if not calls:  # no <tool_call> block with "name" and "arguments": the user turn ends
             return self._end_turn()
+        ran = [self.execute_authors(name, args) for name, args in calls]
+        self.calls[self.turn].append([record for _, record in ran if record])  # even [] marks the turn as called
         ids = [f"{name}_{k}" for k, (name, _) in enumerate(calls, 1)]
-        return [{"role": "user", "content": authors_results_text(zip(ids, self._run_calls(calls)))}]
+        return [{"role": "user", "content": authors_results_text(zip(ids, [result for result, _ in ran]))}]
 
     def _run_calls(self, calls):
         """Execute the calls in order; record those that reached the backend for the checker. Result texts."""
@@ -606,12 +717,13 @@ class BFCLEnv:
 
     def _end_turn(self):
         """The user turn ends: the next turn's messages; after the last turn the episode is done ([], or the
-        authors' completion message); none when the step cap leaves no room for another turn."""
+        authors' completion message). At the step cap: none (friendly), the next query anyway (authors: their env
+        does not know the cap, the rollout loop stops after this step)."""
         authors = self.protocol == "authors"
         if self.turn + 1 == len(self.task["turns"]):
             self.done = self.completed = True
             return [{"role": "user", "content": CONVERSATION_COMPLETED}] if authors else []
-        if self.steps >= self.max_steps:
+        if self.steps >= self.max_steps and not authors:
             return []
         self.turn += 1
         self.calls.append([])
@@ -620,14 +732,19 @@ class BFCLEnv:
 
     def reward(self):
         """1.0 / 0.0 from the official checker, run on the recorded calls (strings we rendered ourselves)."""
-        # as the official runner: an episode cut short (fewer turns than the task) fails outright
-        if len(self.calls) != len(self.task["turns"]):
+        turns = self.calls
+        if self.protocol == "authors":  # their env scores a completed conversation only; their
+            # _extract_multi_turn_responses drops each turn without a tool call, and the checker fails on the count
+            if not self.completed or not all(turns):
+                return 0.0
+            turns = [[step for step in turn if step] for turn in turns]
+        elif len(turns) != len(self.task["turns"]):  # as the official runner: an episode cut short fails outright
             return 0.0
         entry = {"id": self.task["id"], "initial_config": self.task["initial_config"],
                  "involved_classes": self.task["involved_classes"]}
         model_name = f"hintsd_{uuid.uuid4().hex}"
         try:
-            result = multi_turn_checker(self.calls, self.task["ground_truth"], entry, self.task["category"], model_name)
+            result = multi_turn_checker(turns, self.task["ground_truth"], entry, self.task["category"], model_name)
         finally:  # the checker keeps its instances in module globals, keyed by model_name
             g = vars(multi_turn_utils)
             for key in [k for k in g if k.startswith(model_name)]:
@@ -734,7 +851,8 @@ def correction_problem(task, earlier, action, student, action_format="json", max
 
 Action: the ```python blocks of the reply (joined), or the whole reply when it has no fence. The episode is done when
 the code marks the task complete (apis.supervisor.complete_task, i.e. world.task_completed()) or at the step cap;
-the reward is then computed at once and the world closed. env.tools is [] (the APIs are code, not tools).
+the reward is then computed at once (0 without evaluating when the task was not marked complete, as the authors'
+env does) and the world closed. env.tools is [] (the APIs are code, not tools).
 
 Process boundary: appworld pins pydantic<2 (it breaks our stack's pydantic 2 and transformers would run on
 pydantic 1), keeps one open world per process, and freezes time.time / datetime (freezegun) while a world is
@@ -917,14 +1035,15 @@ class AppWorldEnv:
         return [{"role": "tool", "content": clip_output(out["output"], self.max_output)}]
 
     def _finish(self):
-        """Evaluate the world's state now (AppWorld's own tests) and close the worker."""
+        """Evaluate the world's state now (AppWorld's own tests), if the agent marked the task complete, and close
+        the worker. As in the authors' env (appworld_env.step), an unfinished episode is not evaluated: reward 0."""
         self.done = True
         if self.evaluation is None:
-            self.evaluation = self._call("evaluate")
+            self.evaluation = self._call("evaluate") if self.completed else {"success": False}
             self.close()
 
     def reward(self):
-        """1.0 if every test of the task's evaluation passes, else 0.0. An unfinished episode is evaluated as is."""
+        """1.0 if the task was marked complete and every test of its evaluation passes, else 0.0."""
         self._finish()
         return 1.0 if self.evaluation["success"] else 0.0
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import envs
 import hintsd
 
-EVAL_SETTINGS = ("max_new_tokens", "max_len", "max_env_steps", "action_protocol", "temperature", "seed")
+EVAL_SETTINGS = ("model", "max_new_tokens", "max_len", "max_env_steps", "action_protocol", "temperature", "seed")
 
 
 def pass_at_k_summary(results: list[dict]) -> dict:
@@ -342,13 +342,14 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--tasks", nargs="+", metavar="ID", help="evaluate only these task ids of the split (each once)")
     ap.add_argument("--turns", type=turns_k, default=None, metavar="K",
                     help="BFCL: cut every task to its first K user turns")
-    ap.add_argument("--model", default=hintsd.DEFAULT_MODEL, help="HF id, local dir, or 'embedded'")
+    ap.add_argument("--model", default=None, help=f"HF id, local dir, or 'embedded' (preset paper: "
+                                                   f"{hintsd.PAPER_MODEL}; cpu: embedded)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32")
     ap.add_argument("--preset", default="auto", choices=("auto", *hintsd.PRESETS),
-                    help="fills every setting below not given: paper = the authors' eval (1024 new tokens, max_len "
-                         "24576, the bench's step cap, authors' protocol, temperature 0.6, seed 42); "
+                    help="fills every setting below not given: paper = the authors' eval (their model, 1024 new "
+                         "tokens, max_len 24576, the bench's step cap, authors' protocol, temperature 0.6, seed 42); "
                          "auto = cpu on a CPU device, else paper")
     ap.add_argument("--action-format", default="json", choices=envs.ACTION_FORMATS,
                     help="json: the chat template's <tool_call> format; python: BFCL's [f(a=1)] list")
@@ -421,7 +422,7 @@ def main(argv=None):
     ddp, rank, world, device = hintsd.init_distributed(args.device)  # under torchrun: each rank its share of tasks
     model, tok = hintsd.load_model(args.model, device, None if args.dtype == "auto" else getattr(torch, args.dtype))
     cfg = hintsd.SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len)
-    settings = {"split": args.split, "limit": args.limit, "turns": args.turns, "model": args.model,
+    settings = {"split": args.split, "limit": args.limit, "turns": args.turns,
                 "device": args.device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "preset": args.preset, "top_p": cfg.top_p, **{key: getattr(args, key) for key in EVAL_SETTINGS}}
     out = Path(args.out)

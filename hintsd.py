@@ -15,7 +15,7 @@ Reading order:
   7. checkpoints     atomic save, exact resume, merge
   8. settings        presets (paper = the authors' protocol, cpu = a demo for a laptop), flags, checks
   9. training loop   train_step(), main()
- 10. models          load_model(); the embedded default model
+ 10. models          load_model(); the embedded model (the cpu preset's)
 """
 import argparse
 import fcntl
@@ -48,7 +48,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import envs
 import prompts
 
-DEFAULT_MODEL = "embedded"  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped on PyPI (see section 10)
+DEFAULT_MODEL = "embedded"  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped on PyPI (see section 10); the cpu preset's
+PAPER_MODEL = "Qwen/Qwen3-4B-Instruct-2507"  # the authors' policy: the paper preset's model
 
 
 # ----------------------------------------------------------------------------- 1. generation
@@ -436,6 +437,7 @@ class Trajectory:
     steps: list[Step] = field(default_factory=list)
     reward: float = 0.0
     status: str = "running"  # "completed" | "max_steps" (step cap hit) | "overflow" (context limit hit)
+    overflow: list[int] | None = None  # [prompt tokens, budget] of the prompt that was not sent, for the analyzer
 
     def to_json(self) -> dict:
         return {**self.__dict__, "steps": [s.__dict__ for s in self.steps]}
@@ -476,7 +478,7 @@ def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episod
     ep.traj.messages += hint_for(ep)
     ep.pending, ep.header_len = prompts.prompt_ids(tok, ep.traj.messages, env.tools)
     if len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
-        ep.traj.status = "overflow"
+        ep.traj.status, ep.traj.overflow = "overflow", [len(ep.pending), cfg.max_len - cfg.max_new_tokens]
     return ep
 
 
@@ -501,6 +503,7 @@ def play(tok, ep: Episode, action: list[int], logprobs: list[float], cfg: Sampli
     ep.pending = ([] if action and action[-1] == eot else [eot]) + ids  # close a truncated action ourselves
     if len(t.tokens) + len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
         t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
+        t.overflow = [len(t.tokens) + len(ep.pending), cfg.max_len - cfg.max_new_tokens]
         return False
     return True
 
@@ -744,14 +747,19 @@ class AnalyzerConfig:
     model: str | None = None  # external: a model name (local / HF, or the endpoint's model)
     url: str | None = None    # external: an OpenAI-compatible chat-completions endpoint
     timeout: float = 120.0
+    max_len: int = 24576      # a local analyzer's prompt keeps its first max_len - tokens ids (the authors' bound)
     forced: bool = False      # beyond the paper: the answer's JSON opening and first step number are forced
     verify: bool = False      # beyond the paper: each correction is checked by replay before it is distilled
 
 
 def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0, desc: str = "generate") -> list[str]:
-    """Answers to chats (analyzer, judge), batched: all at once on a GPU, eight at a time on a CPU."""
-    ids = [prompts.prompt_ids(tok, c, None)[0] for c in chats]
+                   top_p: float = 1.0, seed: int = 0, desc: str = "generate", max_len: int | None = None
+                   ) -> list[str]:
+    """Answers to chats (analyzer, judge), batched: all at once on a GPU, eight at a time on a CPU. max_len: a
+    prompt keeps only its first max_len - max_new_tokens ids (the authors' right truncation of analyzer prompts:
+    a longer one loses its end, the answer format and the assistant header included)."""
+    keep = max_len - max_new_tokens if max_len and max_len > max_new_tokens else None
+    ids = [prompts.prompt_ids(tok, c, None)[0][:keep] for c in chats]
     batch, out = (len(ids) or 1) if model.device.type == "cuda" else 8, []
     for i in tqdm(range(0, len(ids), batch), desc=desc, leave=False):
         out += generate(model, tok, ids[i:i + batch], max_new_tokens, temperature, top_p, seed_of(seed, i))
@@ -773,13 +781,14 @@ def digit_tokens(tok) -> dict[int, str]:
 
 @torch.no_grad()
 def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], variant: str, max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int) -> list[str]:
+                   temperature: float, top_p: float, seed: int, max_len: int | None = None) -> list[str]:
     """Analyzer answers whose format cannot break: the JSON opening is given ('{"failures": [{"step": ', or
     '{"failure_step": ' for Single); the first step number is sampled from the model's own distribution restricted
     to the numbers 1..n of each rollout (digit tokens, up to two); '", "feedback": "' is given; the model writes the
     rest freely. A rollout with more than 99 steps keeps its numbers up to 99."""
     opening = '{"failure_step": ' if variant == "single" else '{"failures": [{"step": '
-    ids = [prompts.prompt_ids(tok, c, None)[0] + prompts.encode(tok, opening) for c in chats]
+    keep = max_len - max_new_tokens - 16 if max_len and max_len > max_new_tokens + 16 else None  # as generate_texts
+    ids = [prompts.prompt_ids(tok, c, None)[0][:keep] + prompts.encode(tok, opening) for c in chats]
     digits, tail = digit_tokens(tok), prompts.encode(tok, ', "feedback": "')
     cache, logits = start(model, ids, max_new_tokens + 8)
     dev, B = logits.device, len(chats)
@@ -831,12 +840,15 @@ def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, var
             with (shadows.get(cfg.source) if external is None else None) or nullcontext():
                 if cfg.forced:
                     answers = forced_answers(m, t, chats, [len(trajs[i].steps) for i in failed], variant, cfg.tokens,
-                                             cfg.temperature, cfg.top_p, seed)
+                                             cfg.temperature, cfg.top_p, seed, cfg.max_len)
                 else:
-                    answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis")
-        picks = [prompts.parse_analysis(text, len(trajs[i].steps), variant, cfg.parser, forced=cfg.forced)
+                    answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis",
+                                             cfg.max_len)
+        picks = [prompts.parse_analysis(text, prompts.view_steps(trajs[i], cfg.prompt), variant, cfg.parser,
+                                        forced=cfg.forced)
                  for i, text in zip(failed, answers)]
-    targets = [Target(i, step, fb) for i, p in zip(failed, picks) for step, fb in p]
+    # a step the analyzer saw but the policy never took (the authors' context-overflow pseudo-step): no target
+    targets = [Target(i, step, fb) for i, p in zip(failed, picks) for step, fb in p if step < len(trajs[i].steps)]
     return Hindsight(targets, answers, sum(not p for p in picks) if answers else 0)
 
 
@@ -1488,13 +1500,14 @@ PRESETS = {
                   temperature=0.6, analyzer_temperature=0.6, analyzer_top_p=0.95, analyzer_tokens=512,
                   analyzer_prompt="authors", analyzer_parser="strict", analyzer_forced=False, verify_targets=False,
                   max_len=24576, max_env_steps=None, seed=42, ema_rate=0.999, action_protocol="authors",
-                  after_check=False),
+                  after_check=False, model=PAPER_MODEL),
     "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=None, turns=None,
                 lr=1e-5, lr_schedule="constant", lora_rank=32, lora_alpha=64.0, lora_dropout=0.0,
                 lora_targets=list(LORA_ALL), topk=None, loss_norm="token", max_new_tokens=96,
                 temperature=0.6, analyzer_temperature=0.0, analyzer_top_p=1.0, analyzer_tokens=128,
                 analyzer_prompt="compact", analyzer_parser="lenient", analyzer_forced=False, verify_targets=False,
-                max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999, action_protocol="friendly", after_check=True),
+                max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999, action_protocol="friendly", after_check=True,
+                model=DEFAULT_MODEL),
 }
 # cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
 CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
@@ -1592,7 +1605,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("run")
     g.add_argument("--bench", default="bfcl", choices=envs.BENCHES,
                    help="appworld needs `make setup-appworld`; without its data it runs on built-in offline tasks")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local dir, random:DIR, or 'embedded' (0.5B GGUF)")
+    g.add_argument("--model", help=f"HF id, local dir, random:DIR, or 'embedded' (0.5B GGUF); paper: {PAPER_MODEL}, "
+                                   "cpu: embedded")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="base weights; auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32 "
@@ -1870,7 +1884,7 @@ def step_config(args) -> StepConfig:
         args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
         AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
                        args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
-                       args.analyzer_timeout, args.analyzer_forced, args.verify_targets),
+                       args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets),
         LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
 
 

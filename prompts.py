@@ -41,6 +41,7 @@ MAX_SCAN_STARTS = 200       # lenient parser: at most this many '{' / '[' positi
 SUCCESS_REWARD = 1.0        # a reward at or above this counts as a success
 CLIP_MARKER = "[... earlier steps clipped ...]"
 AUTHORS_CLIP_MARKER = "[earlier trajectory omitted]"
+PYTHON_FENCE = re.compile(r"```python\s*", re.I)  # an AppWorld code block's opening, as the authors match it
 STEP_KEYS = ("step", "failure_step", "turn", "step_id", "step_index", "step_number")
 FEEDBACK_KEYS = ("feedback", "hint", "correction", "fix")
 FEEDBACK_PREFIX = "Consider the following feedback to solve this step:\n\n"  # the authors' wording
@@ -152,23 +153,69 @@ def initial_messages(messages: list[dict]) -> list[dict]:
     return messages[:first]
 
 
-def render_episode(t, split: str = "train", max_chars: int = MAX_TRAJ_CHARS) -> str:
-    """The authors' view of a rollout `t` (task_id, messages, steps with .text and .output, reward, status).
+def stringified(messages: list[dict]) -> list[dict]:
+    """Messages as the authors store a step's environment output (_stringify_message): a role other than system,
+    user or assistant becomes user, the content its str()."""
+    roles = ("system", "user", "assistant")
+    return [{"role": m.get("role") if m.get("role") in roles else "user", "content": str(m.get("content", ""))}
+            for m in messages]
+
+
+def appworld_action(text: str) -> str:
+    """An AppWorld action as the authors store it (build_appworld_action): the last ```python block (any case) of
+    the reply, stripped and fenced again as ```python; else the inner lines of a reply that is one fence; else the
+    reply stripped. Found with str.find, linear in the text (their lazy regex is not)."""
+    stripped, code, pos = text.strip(), None, 0
+    while m := PYTHON_FENCE.search(stripped, pos):
+        end = stripped.find("```", m.end())
+        if end < 0:
+            break
+        code, pos = stripped[m.end():end].strip(), end + 3
+    lines = stripped.splitlines()
+    if code is None and stripped.startswith("```") and stripped.endswith("```") and len(lines) >= 3:
+        code = "\n".join(lines[1:-1]).strip()
+    return f"```python\n{code}\n```" if code else stripped  # an empty last block stops their rollout: shown as is
+
+
+def view_steps(t, style: str = "authors") -> int:
+    """How many steps the analyzer's view numbers: the authors' view adds a pseudo-step where the context ran out."""
+    return len(t.steps) + (style == "authors" and bool(getattr(t, "overflow", None)))
+
+
+def overflow_step(t, bench: str) -> str:
+    """The authors' step for a rollout stopped by the context limit (_build_context_exceeded_step): no action, the
+    reason as the environment output, an Info line."""
+    tokens, budget = t.overflow
+    info = json.dumps({"context_exceeded": True, "prompt_tokens": tokens, "max_prompt_tokens": budget},
+                      ensure_ascii=False, sort_keys=True)
+    reason = (f"Rollout stopped before generation because the {BENCH_NAMES.get(bench, bench)} conversation exceeded "
+              f"the prompt token budget ({tokens} > {budget}).")
+    return "\n".join([f"Step {len(t.steps) + 1}", "Assistant action:\n", f"Environment output:\nUSER:\n{reason}",
+                      "Step reward: 0.0", "Terminated: False", f"Info: {info}"])
+
+
+def render_episode(t, split: str = "train", max_chars: int = MAX_TRAJ_CHARS, bench: str = "bfcl") -> str:
+    """The authors' view of a rollout `t` (task_id, messages, steps with .text and .output, reward, status, and
+    overflow: [prompt tokens, budget] when the context limit stopped it).
 
     Header (task id, split, final reward, success, terminated), the initial prompt unclipped (system prompt with
-    the tool schemas, first query), the step log clipped to its last max_chars characters, and the last
-    environment output of a failed run."""
+    the tool schemas, first query), the step log clipped to its last max_chars characters (outputs under the
+    authors' roles, AppWorld actions as they store them, their pseudo-step after a context overflow), and the
+    last environment output of a failed run."""
     success = t.reward >= SUCCESS_REWARD
     terminated = t.status == "completed"
     blocks = []
     for i, s in enumerate(t.steps):
         last = i == len(t.steps) - 1
         reward = float(t.reward) if last and terminated else 0.0     # the env's reward arrives with termination
-        parts = [f"Step {i + 1}", f"Assistant action:\n{s.text.strip()}"]
-        if format_messages(s.output):
-            parts.append(f"Environment output:\n{format_messages(s.output)}")
+        action = appworld_action(s.text) if bench == "appworld" else s.text.strip()
+        parts = [f"Step {i + 1}", f"Assistant action:\n{action}"]
+        if format_messages(stringified(s.output)):
+            parts.append(f"Environment output:\n{format_messages(stringified(s.output))}")
         parts += [f"Step reward: {reward}", f"Terminated: {last and terminated}"]
         blocks.append("\n".join(parts))
+    if getattr(t, "overflow", None):
+        blocks.append(overflow_step(t, bench))
     log = clip_tail("\n\n".join(blocks), max_chars)
     parts = [f"Task id: {t.task_id}", f"Dataset: {split}", f"Final reward: {float(t.reward)}",
              f"Success: {success}", f"Terminated: {terminated}",
@@ -182,7 +229,7 @@ def render_episode(t, split: str = "train", max_chars: int = MAX_TRAJ_CHARS) -> 
 def authors_messages(t, bench: str, variant: str, k: int = 3, split: str = "train") -> list[dict]:
     """The authors' analyzer chat: Multi (up to k problematic steps, earliest first, each feedback under three
     sentences) or Single (the first failing step, its own one-entry format)."""
-    name, text = BENCH_NAMES.get(bench, bench), render_episode(t, split)
+    name, text = BENCH_NAMES.get(bench, bench), render_episode(t, split, bench=bench)
     kind = "function-calling" if bench == "bfcl" else "tool-use"
     mistakes = " — wrong tool, wrong arguments, or missing required call" if bench == "bfcl" else ""
     if variant == "single":

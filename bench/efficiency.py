@@ -6,7 +6,8 @@ Each method runs `hintsd.py --method M --steps 1 --no-after-check` in its own pr
 its own), with the same seed, so all of them start from the same weights and sample the same rollouts (every
 rollout's draws are seeded by (seed, step, task, n)). SFT trains offline on ground-truth replays: no rollouts.
 Arguments after `--` go to every hintsd.py call (say `--model random:DIR --device cuda`); without them the
-defaults apply (CPU: the cpu preset and the embedded model). Prints a markdown table of the step time split
+defaults apply (CPU: the cpu preset and the embedded model; a GPU: the paper preset and its model,
+Qwen/Qwen3-4B-Instruct-2507, whose weights must be reachable). Prints a markdown table of the step time split
 into rollout, feedback (analyzer / judge / ground-truth replay) and update, the peak memory (CUDA: torch's peak
 allocation; CPU: the process's peak RSS, model included) and the tokens supervised, each also as a ratio to
 HINT-SD, from each run's OUT/M/metrics.jsonl.

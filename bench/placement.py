@@ -92,7 +92,7 @@ def main():
     model, tok = hintsd.load_model(a.model, a.device)
     cfg = hintsd.SamplingConfig(a.max_new_tokens, a.temperature, 1.0, a.max_len)
     analyzer = hintsd.AnalyzerConfig(a.feedback, a.analyzer_prompt,
-                                     a.analyzer_parser, a.analyzer_tokens, 0.0, 1.0)
+                                     a.analyzer_parser, a.analyzer_tokens, 0.0, 1.0, max_len=a.max_len)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pairs, skipped = [], {"base_succeeded": 0, "no_target": 0}

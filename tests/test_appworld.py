@@ -87,6 +87,19 @@ def test_errors_are_observations_and_step_cap(tasks):
 
 
 @needs_appworld
+def test_unfinished_episode_is_not_evaluated(tasks):
+    """The authors' appworld_env.step: reward = evaluate(...) only once world.task_completed(), else 0. Here the
+    note is created as asked (AppWorld's tests pass on that state) but the task is never marked complete: 0."""
+    task = next(t for t in tasks if t["id"] == "notecreate_1")
+    env = envs.make_env(task, max_steps=2)
+    env.reset()
+    env.step(fenced(BY_ID["notecreate_1"]["solution"].replace("apis.supervisor.complete_task()", "")))
+    assert env._call("evaluate")["success"] and not env.done
+    env.step("print(1)")
+    assert env.done and not env.completed and env.reward() == 0.0 and env.proc is None
+
+
+@needs_appworld
 def test_infinite_loop_times_out(tasks):
     env = envs.AppWorldEnv(tasks[0], timeout=1)
     env.reset()

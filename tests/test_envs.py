@@ -12,6 +12,9 @@ import envs
 
 BFCL_DOCS = envs.BFCL_DATA / "multi_turn_func_doc"
 PROTOCOL_FORMATS = [("friendly", "json"), ("friendly", "python"), ("authors", "json")]
+# tasks with an empty ground-truth turn: a replay without a call there fails under the authors' protocol
+EMPTY_TURN_TASKS = ["multi_turn_base_167", "multi_turn_base_180", "multi_turn_long_context_167",
+                    "multi_turn_long_context_180"]
 JSON_SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 
 
@@ -105,7 +108,7 @@ def test_ground_truth_replay_gets_full_reward(all_tasks, protocol, action_format
     failed = [tid for tid, r in rewards.items() if r != 1.0]
     print(f"\n{protocol} {action_format}: {len(rewards) - len(failed)}/{len(rewards)} ground-truth replays valid "
           f"in {time.time() - t0:.1f}s")
-    assert len(rewards) == 400 and not failed, failed[:10]
+    assert len(rewards) == 400 and sorted(failed) == (EMPTY_TURN_TASKS if protocol == "authors" else []), failed
 
 
 def test_wrong_actions_get_zero(all_tasks):
@@ -137,7 +140,9 @@ def test_episode_cut_short_gets_zero(all_tasks, protocol):
     env = envs.make_env(task, max_steps=2, protocol=protocol)
     env.reset()
     assert env.step(env.ground_truth_action(0)) and not env.done
-    assert env.step("Done.") == [] and env.done and env.turn == 0  # cap reached: no next user turn
+    out = env.step("Done.")  # cap reached: friendly gives no next user turn, the authors' env gives it anyway
+    assert env.done and (env.turn, out) == ((1, [{"role": "user", "content": task["turns"][1][0]["content"]}])
+                                            if protocol == "authors" else (0, []))
     assert env.reward() == 0.0
     assert env.step("anything") == [] and env.steps == 2  # stepping a finished episode is a no-op
 
@@ -320,8 +325,6 @@ AUTHORS_TURN_ENDERS = [
     '{"name": "ls", "arguments": {"a": true}}',                                    # bare JSON, no tags
     '<tool_call>{"name": "ls"}</tool_call>',                                       # no "arguments"
     '<tool_call>["ls"]</tool_call>',                                               # not an object
-    '<tool_call>{"name": "ls", "arguments": {"a=1),x(": 1}}</tool_call>',          # fails our _check_call
-    '<tool_call>{"name": "ls", "arguments": "{not json"}</tool_call>',             # arguments: bad JSON string
 ]
 
 
@@ -369,8 +372,8 @@ def test_authors_results_come_back_as_one_user_message(all_tasks):
               {"name": "cd_5", "content": "Error during execution: 'int' object has no attribute 'rstrip'"}]
     expected = "\n".join(f"<tool_call>\n{json.dumps(b, ensure_ascii=False)}\n</tool_call>" for b in blocks) + "\n"
     assert out == [{"role": "user", "content": expected}]
-    # the unknown function did not reach the backend; cd(folder=5) raised inside it, so it counts
-    assert env.calls == [[["pwd()", "cd(folder='nope')", "pwd()", "cd(folder=5)"]]]
+    # every call goes to the checker as the authors' does: the unknown name too (a NameError there as well)
+    assert env.calls == [[["pwd()", "cd(folder='nope')", "nope()", "pwd()", "cd(folder=5)"]]]
     assert envs.authors_results_text([("a_1", '{"x": "é"}'), ("b_2", "plain"), ("c_3", "[1, 2"), ("d_4", " [1]")]) == (
         '<tool_call>\n{"name": "a_1", "content": {"x": "é"}}\n</tool_call>\n'
         '<tool_call>\n{"name": "b_2", "content": "plain"}\n</tool_call>\n'
