@@ -184,7 +184,8 @@ def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, 
     pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)   # [B, T] token positions
     slot = torch.where(new, pos, cache.capacity)                                     # padding: scratch column
     mask = torch.arange(width, device=ids.device) <= pos[..., None]                  # [B, T, width]
-    out = model(input_ids=ids, position_ids=pos, kv=(cache, slot, pos, mask), use_cache=False, logits_to_keep=keep)
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask[:, None], kv=(cache, slot, pos, mask),
+                use_cache=False, logits_to_keep=keep)  # (a 4D mask: transformers builds none of its own)
     cache.lengths += new.sum(1)
     return out.logits.float()
 

@@ -1,23 +1,32 @@
-"""A learning run that fits a 2-core CPU: does HINT-SD turn failures into successes? (`eval.py --plot` draws it.)
+"""A learning run that fits a 2-core CPU, and Table 3 of the paper at its scale: does HINT-SD turn failures into
+successes, and with which source of hindsight? (`eval.py --plot` draws it.)
 
-    python bench/learn.py [--methods hintsd-oracle hintsd-ema grpo initial] [--steps 10] [--eval-every 5]
-                          [--out runs/learn] [-- EXTRA HINTSD ARGS]
+    python bench/learn.py [--methods ...] [--train ID ...] [--steps 10] [--eval-every 5] [--out runs/learn]
+                          [-- EXTRA HINTSD ARGS]
 
 BFCL tasks cut to their first user turn (--turns 1), the embedded 0.5B model, the cpu preset otherwise (friendly
-protocol, compact analyzer prompt, lenient parser) with: --rollouts 4, --max-env-steps 3, --max-new-tokens 64,
---lr 1e-4 (LoRA at the paper's 5e-6 barely moves a 0.5B model in 20 steps), --tasks-per-step 1, seed 42. Two
-trained tasks (a training step takes about 3 minutes on 2 cores), four held-out tasks of the test split. Run one
-method at a time: two torch processes on 2 cores slow each other down many times over.
-Methods, each in OUT/<method>: its training run (a hintsd.py run dir) in run/, its evaluations in curve.jsonl:
-  hintsd-oracle  HINT-SD with the BFCL ground-truth oracle as the hindsight source (the upper bound)
-  hintsd-ema     HINT-SD with the EMA teacher as the analyzer (the paper's method)
-  grpo           the terminal-reward baseline
-  initial        no training: the base model's evaluation (it cannot change; its line is flat by definition)
+protocol, LoRA on every projection, exact KL) with: --rollouts 4, --max-env-steps 3, --max-new-tokens 64, --lr 1e-4
+(LoRA at the paper's 5e-6 barely moves a 0.5B model in 10 steps), --tasks-per-step 1, seed 42. Four trained tasks
+(one of each API class the model meets here), four held-out tasks of the test split. Run one method at a time: two
+torch processes on 2 cores slow each other down many times over.
+Methods, each in OUT/<method>: its training run (a hintsd.py run dir) in run/, its evaluations in curve.jsonl.
+The hindsight sources of Table 3 (HINT-SD Multi, only the source changes):
+  hintsd-ema          the EMA teacher as the analyzer with the paper's analyzer (the authors' view with the tool
+                      schemas, their prompt, temperature 0.6, top-p 0.95, 512 tokens, their strict parser)
+  hintsd-ema-compact  the EMA teacher with the cpu preset's analyzer (compact view, greedy, 128 tokens, lenient)
+  hintsd-policy       the current policy as the analyzer (the paper's analyzer)
+  hintsd-initial      the frozen initial policy as the analyzer (the paper's analyzer)
+  hintsd-env          no analyzer: the raw environment output of the first failing steps
+  hintsd-oracle       the BFCL ground-truth oracle (an upper bound, not self-hindsight)
+  hintsd-best         the EMA teacher with the best setting of bench/analyzer.py (compact view, answers forced
+                      to parse) and corrections checked by replay (--verify-targets)
+and the controls: grpo (the terminal reward) and initial (no training: the base model, flat by definition).
 Every --eval-every steps, and at step 0, the trained tasks are evaluated (k rollouts each, temperature 0.6,
-rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. An interrupted run
+rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. The step-0 evaluation
+is the same for every method (same weights, same seeds): it runs once, into OUT/step0.jsonl. An interrupted run
 resumes where it stopped (training from its checkpoints; evaluation points already in curve.jsonl are kept).
-OUT/summary.md holds the table; for hintsd-ema also the analyzer's parse failures and how often its first target
-is the oracle's first wrong step.
+OUT/summary.md holds the table, with what the analyzer did (failed rollouts analysed, targets, parse failures,
+targets dropped by replay, and how often a first target is the oracle's first wrong step).
 """
 import argparse
 import json
@@ -32,10 +41,17 @@ import eval as ev  # noqa: E402
 import hintsd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"hintsd-oracle": ["--method", "hintsd", "--feedback", "oracle"],
-           "hintsd-ema": ["--method", "hintsd", "--feedback", "ema"],
+PAPER_ANALYZER = ["--analyzer-prompt", "authors", "--analyzer-parser", "strict", "--analyzer-temperature", "0.6",
+                  "--analyzer-top-p", "0.95", "--analyzer-tokens", "512"]
+METHODS = {"hintsd-ema": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANALYZER],
+           "hintsd-ema-compact": ["--method", "hintsd", "--feedback", "ema"],
+           "hintsd-policy": ["--method", "hintsd", "--feedback", "policy", *PAPER_ANALYZER],
+           "hintsd-initial": ["--method", "hintsd", "--feedback", "initial", *PAPER_ANALYZER],
+           "hintsd-env": ["--method", "hintsd", "--feedback", "env"],
+           "hintsd-oracle": ["--method", "hintsd", "--feedback", "oracle"],
+           "hintsd-best": ["--method", "hintsd", "--feedback", "ema", "--analyzer-forced", "--verify-targets"],
            "grpo": ["--method", "grpo"], "initial": None}
-TRAIN = ["multi_turn_base_93", "multi_turn_base_146"]
+TRAIN = ["multi_turn_base_93", "multi_turn_base_146", "multi_turn_base_9", "multi_turn_base_66"]
 HELD_OUT = ["multi_turn_base_116", "multi_turn_base_126", "multi_turn_base_142", "multi_turn_base_107"]
 
 
@@ -68,9 +84,9 @@ def train_to(a, run: Path, method: str, step: int, extra: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def analyzer_agreement(run: Path, by_id: dict) -> tuple[int, int, int]:
-    """(failed rollouts analyzed, of them with an analyzer target, of those whose first target is the oracle's
-    first wrong step) over a run's rollouts.jsonl."""
+def analyzer_record(run: Path, by_id: dict) -> str:
+    """What the analyzer did over a run's rollouts.jsonl and metrics.jsonl: failed rollouts analysed, of them with
+    a target, of those whose first target is the oracle's first wrong step; targets, parse failures, dropped."""
     analyzed = with_target = agree = 0
     for line in open(run / "rollouts.jsonl"):
         for r in json.loads(line)["rollouts"]:
@@ -81,7 +97,11 @@ def analyzer_agreement(run: Path, by_id: dict) -> tuple[int, int, int]:
                 with_target += 1
                 oracle = envs.oracle_feedback(by_id[r["task_id"]], [(s["turn"], s["text"]) for s in r["steps"]])
                 agree += bool(oracle) and oracle[0][0] - 1 == r["targets"][0]["step"]
-    return analyzed, with_target, agree
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    dropped = sum(sum(r.get("dropped_by_replay", {}).values()) for r in rows)
+    return (f"{analyzed} failed rollouts analysed, {with_target} with a target ({agree} at the oracle's step); "
+            f"{sum(r['targets'] for r in rows)} targets, {sum(r['parse_failures'] for r in rows)} parse failures"
+            + (f", {dropped} dropped by replay" if any("dropped_by_replay" in r for r in rows) else ""))
 
 
 def main():
@@ -104,6 +124,7 @@ def main():
     hintsd.check_model_name(ap, a.model)
     out = hintsd.check_out_dir(ap, a.out)
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
+    step0 = out / "step0.jsonl"  # the base model's evaluation: the same for every method (same weights, same seeds)
     summary = []
     for method in a.methods:
         run = out / method / "run"
@@ -117,24 +138,29 @@ def main():
             for name, ids, split in (("trained", a.train, "train"), ("held-out", a.held_out, "test")):
                 if (step, name) in done or (name == "held-out" and step not in (0, a.steps)):
                     continue
-                row = {"step": step, "set": name, **evaluate(a, run, step, ids, split)}
+                shared = [r for r in map(json.loads, step0.open()) if r["set"] == name] if step0.exists() else []
+                row = shared[0] if step == 0 and shared else {"step": step, "set": name,
+                                                              **evaluate(a, run, step, ids, split)}
+                if step == 0 and not shared:
+                    with step0.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
                 with curve.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{method} step {step} {name}: {row['successes']}/{row['rollouts']} {row['per_task']}",
                       flush=True)
         rows = [json.loads(x) for x in curve.open()]
-        first = {r["set"]: r for r in rows if r["step"] == 0}
-        last = {r["set"]: r for r in rows if r["step"] == max(x["step"] for x in rows)}
-        line = f"| {method} | " + " | ".join(f"{first[s]['successes']}/{first[s]['rollouts']} -> "
-                                             f"{last[s]['successes']}/{last[s]['rollouts']}" for s in
-                                             ("trained", "held-out")) + f" | {(time.time() - t0) / 60:.0f} min |"
-        if method == "hintsd-ema" and (run / "rollouts.jsonl").exists():
-            n, hit, agree = analyzer_agreement(run, {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)})
-            line += f" analyzed {n} failed rollouts: a target for {hit}, first target = oracle's step for {agree} |"
+        at = {(r["step"], r["set"]): r for r in rows}
+        mid = sorted(s_ for s_, n in at if n == "trained")
+        trained = " -> ".join(f"{at[s_, 'trained']['successes']}/{at[s_, 'trained']['rollouts']}" for s_ in mid)
+        held = " -> ".join(f"{r['successes']}/{r['rollouts']}" for (s_, n), r in sorted(at.items())
+                           if n == "held-out")
+        line = f"| {method} | {trained} | {held} | {(time.time() - t0) / 60:.0f} min |"
+        if method.startswith("hintsd") and (run / "rollouts.jsonl").exists():
+            line += " " + analyzer_record(run, {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}) + " |"
         summary.append(line)
         print(line, flush=True)
-    head = ["| method | trained: success step 0 -> last | held-out: before -> after | wall time (this call) |",
-            "|---|---|---|---|"]
+    head = ["| method | trained: success at the evaluation steps | held-out: before -> after | wall time (this call) |"
+            " analyzer |", "|---|---|---|---|---|"]
     (out / "summary.md").write_text("\n".join(head + summary) + "\n")
     print("\n".join(head + summary))
 

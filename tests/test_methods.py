@@ -314,7 +314,7 @@ FUEL = '<tool_call>\n{"name": "displayCarStatus", "arguments": {"option": "fuel"
 @pytest.mark.parametrize("action,why", [
     (FUEL, None),                                                                     # runs cleanly
     ('<tool_call>\n{"name": "displayCarStatus", "arguments": {"option": "fuel"\n</tool_call>', "unparsed"),
-    ('<tool_call>\n{"name": "get_current_speed", "arguments": {}}\n</tool_call>', "unknown function"),
+    ('<tool_call>\n{"name": "get_fuel_level", "arguments": {}}\n</tool_call>', "unknown function"),
     ('<tool_call>\n{"name": "displayCarStatus", "arguments": {}}\n</tool_call>', "error"),  # a missing argument
     ('<tool_call>\n{"name": "startEngine", "arguments": {"ignitionMode": "START"}}\n</tool_call>', "error"),
     ("The fuel level is fine.", None),                                                # ends the turn: nothing wrong
@@ -325,8 +325,6 @@ def test_a_correction_is_checked_by_replaying_the_environment(action, why, proto
     task = envs.load_tasks("bfcl", "train", 1, ["multi_turn_base_93"])[0]
     student = '<tool_call>\n{"name": "lockDoors", "arguments": {"unlock": false}}\n</tool_call>'
     earlier = ['<tool_call>\n{"name": "get_current_speed", "arguments": {}}\n</tool_call>']
-    if protocol == "authors" and why == "unparsed":
-        why = "unparsed"  # a <tool_call> block whose JSON breaks: the authors skip it, so nothing runs either
     assert envs.correction_problem(task, earlier, action, student, "json", 3, protocol) == why
 
 
