@@ -13,7 +13,7 @@ import prompts
 
 @pytest.fixture(scope="module")
 def embedded(embedded_dir):
-    model, tok = hintsd.load_model(embedded_dir)  # the default dtype: bf16 on this machine (AMX)
+    model, tok = hintsd.load_model(embedded_dir)  # the default dtype: bf16 where the CPU has AMX or AVX512-BF16
     yield model, tok
     del model
     gc.collect()  # the 2 GB model leaves with this module
