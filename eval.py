@@ -1,6 +1,6 @@
 """Evaluate a policy on BFCL v3 multi-turn: k rollouts per task, Avg@k and Best@k (the paper's metrics).
 
-    python eval.py --bench bfcl --split test --k 4 --limit 5 --out runs/eval-initial
+    python eval.py --bench bfcl --split test --k 4 --limit 5 --out runs/eval/initial
     python eval.py --turns 1 --out runs/eval-1turn                  # every task cut to its first user turn
     python eval.py --compare runs/eval/initial runs/eval/hintsd     # Table 1 layout, from saved summaries
     python eval.py --target-steps runs/hintsd                       # target-step distribution per epoch (Fig. 2)
