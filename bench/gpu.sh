@@ -15,12 +15,13 @@ cd "$(dirname "$0")/.."
 GPU=${GPU:-.gpu}; BASE=${BASE:-94fb8c9}; OUT=${OUT:-runs/gpu}
 PY=python3; [ -x .venv/bin/python ] && PY=$PWD/.venv/bin/python
 fail() { echo "bench/gpu.sh: $*" >&2; exit 2; }
-[ -d "$GPU" ] || fail "no folder $GPU (set GPU=DIR: the folder with qwen3-4b/, see bench/README.md#the-gpu-check)"
+[ -d "$GPU" ] || fail "no folder $GPU (set GPU=DIR, the folder with qwen3-4b/: see bench/README.md#the-gpu-check)"
 GPU=$(cd "$GPU" && pwd); MODEL=random:$GPU/qwen3-4b   # absolute: BASE's step bench runs from /tmp/base
-[ -f "$GPU/qwen3-4b/config.json" ] || fail "missing $GPU/qwen3-4b/config.json (the Qwen3-4B-Instruct-2507 config; set GPU=DIR, see bench/README.md#the-gpu-check)"
-[ -f "$GPU/qwen3-4b/tokenizer.json" ] || fail "missing $GPU/qwen3-4b/tokenizer.json (the Qwen3 tokenizer; see bench/README.md#the-gpu-check)"
-[ -f "$GPU/qwen3-4b/chat_template.jinja" ] || grep -q '"chat_template"' "$GPU/qwen3-4b/tokenizer_config.json" 2>/dev/null \
-  || fail "missing a chat template in $GPU/qwen3-4b (chat_template.jinja or tokenizer_config.json's chat_template)"
+SEE="see bench/README.md#the-gpu-check"
+[ -f "$GPU/qwen3-4b/config.json" ] || fail "missing $GPU/qwen3-4b/config.json (the Qwen3-4B-Instruct-2507 config; $SEE)"
+[ -f "$GPU/qwen3-4b/tokenizer.json" ] || fail "missing $GPU/qwen3-4b/tokenizer.json (the Qwen3 tokenizer; $SEE)"
+[ -f "$GPU/qwen3-4b/chat_template.jinja" ] || grep -q '"chat_template"' "$GPU/qwen3-4b/tokenizer_config.json" \
+  2> /dev/null || fail "missing a chat template in $GPU/qwen3-4b (chat_template.jinja, or in tokenizer_config.json)"
 command -v nvidia-smi > /dev/null || fail "no nvidia-smi: this script needs a machine with an NVIDIA GPU"
 command -v "$PY" > /dev/null || fail "no $PY (make setup creates .venv)"
 "$PY" -c "import torch, transformers, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
@@ -37,13 +38,13 @@ fi
 mkdir -p "$OUT"
 run() { name=$1; shift; echo "== $name"; timeout "$@" > "$OUT/$name.log" 2>&1; echo "rc $? $(tail -n 3 "$OUT/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt"
-echo "python: $PY; $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')" \
+"$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
   | tee "$OUT/python.txt"
 # the generator: tokens/s against model.generate (eager and static cache) and the bandwidth bound
 run generate 300 "$PY" bench/generate.py --model "$MODEL" --batches 1 8 32 --prompt-len 256 --new 128 --static \
   --fp32-check
 if [ -f "$GPU/hf_static.py" ]; then run hf_static 200 "$PY" "$GPU/hf_static.py" "$GPU/qwen3-4b" static 1,8
-else echo "== hf_static skipped (no $GPU/hf_static.py; generate.py --static above has model.generate's static cache)"; fi
+else echo "== hf_static skipped (no $GPU/hf_static.py; generate.py --static has model.generate's static cache)"; fi
 # rollout() throughput, this code and BASE, same settings (2 tasks x 4 rollouts, 6 steps, 96 new tokens)
 run rollout_new 200 "$PY" bench/rollout.py --model "$MODEL" --env-steps 6 --new 96
 run rollout_base 300 "$PY" bench/rollout.py --model "$MODEL" --env-steps 6 --new 96 --code /tmp/base
