@@ -40,3 +40,18 @@ def test_docs_check_parses_commands():
     assert docs_check.parse("python -m pytest -q tests") == []
     assert docs_check.parse("--topk exact --loss-norm token") == [("flags", None, [(None, "--topk"),
                                                                                    (None, "--loss-norm")])]
+
+
+def test_gpu_check_names_what_is_missing(tmp_path):
+    # bench/gpu.sh stops before any work, with one line naming the missing input (README's GPU check)
+    def run(gpu):
+        r = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", "GPU": str(gpu), "OUT": str(tmp_path / "out")})
+        return r.returncode, r.stdout, r.stderr.strip().splitlines()
+    assert run(tmp_path / "none") == (2, "", [f"bench/gpu.sh: no folder {tmp_path / 'none'} (set GPU=DIR, the folder "
+                                              "with qwen3-4b/: see bench/README.md#the-gpu-check)"])
+    (tmp_path / "gpu" / "qwen3-4b").mkdir(parents=True)
+    (tmp_path / "gpu" / "qwen3-4b" / "config.json").write_text("{}")
+    rc, out, err = run(tmp_path / "gpu")
+    assert rc == 2 and out == "" and len(err) == 1 and "missing" in err[0] and "qwen3-4b/tokenizer.json" in err[0]
+    assert not (tmp_path / "out").exists()
