@@ -1,10 +1,10 @@
 """Evaluate a policy on BFCL v3 multi-turn: k rollouts per task, Avg@k and Best@k (the paper's metrics).
 
-    python eval.py --bench bfcl --split test --k 4 --limit 5 --out runs/eval-initial
+    python eval.py --bench bfcl --split test --k 4 --limit 5 --out runs/eval/initial
     python eval.py --turns 1 --out runs/eval-1turn                  # every task cut to its first user turn
     python eval.py --compare runs/eval/initial runs/eval/hintsd     # Table 1 layout, from saved summaries
     python eval.py --target-steps runs/hintsd                       # target-step distribution per epoch (Fig. 2)
-    python eval.py --plot runs/hintsd runs/sdpo                     # success / KL / target-step figures (PNG)
+    python eval.py --plot runs/hintsd runs/sdpo                     # success / KL / target-step PNGs into plots/
     torchrun --nproc_per_node=4 eval.py ...                         # tasks sharded by rank, joined on rank 0
 
 Settings not given on the command line come from hintsd.PRESETS (--preset; auto = cpu on a CPU device, else paper).
@@ -370,7 +370,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                       help="print the share of targets at assistant steps 1-3, 4-8, 9+ per epoch of training runs")
     mode.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                       help="write success.png, kl.png, target_steps.png of training runs and exit")
-    ap.add_argument("--plot-out", default=None, metavar="DIR", help="where --plot writes (default: RUN_DIR/plots)")
+    ap.add_argument("--plot-out", default=None, metavar="DIR",
+                    help="where --plot writes, printing each path (default: plots/ in the current directory)")
     args = ap.parse_args(argv)
     if args.plot_out is not None and not args.plot:
         ap.error("--plot-out goes with --plot RUN_DIR...")
@@ -406,10 +407,11 @@ def main(argv=None):
         print(text)
         return
     if args.plot:
-        runs = [r for r in map(load_run, args.plot) if r is not None]
+        # files are skipped without a word: `--plot runs/learn/*` also matches runs/learn/summary.md
+        runs = [r for r in map(load_run, (d for d in args.plot if not Path(d).is_file())) if r is not None]
         if not runs:
             ap.error("--plot: no usable metrics.jsonl or curve.jsonl in the given dirs")
-        out = hintsd.check_out_dir(ap, args.plot_out or str(runs[0]["dir"] / "plots"), "--plot-out")
+        out = hintsd.check_out_dir(ap, args.plot_out or "plots", "--plot-out")
         for p in plot_runs(runs, out):
             print(p)
         return

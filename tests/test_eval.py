@@ -222,7 +222,8 @@ def write_jsonl(path, rows, tail=""):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
 
 
-def test_plot_writes_three_small_pngs(tmp_path, capsys):
+def test_plot_writes_three_small_pngs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --plot-out is plots/ in the current directory
     hint, grpo = tmp_path / "hintsd", tmp_path / "grpo"
     hint.mkdir()
     grpo.mkdir()
@@ -234,12 +235,14 @@ def test_plot_writes_three_small_pngs(tmp_path, capsys):
         *({"step": s, "set": "held-out", "successes": s // 2, "rollouts": 4} for s in (0, 2, 4)),
         {"step": 6, "set": "trained", "successes": "x", "rollouts": 4}])
     write_jsonl(grpo / "metrics.jsonl", [{"step": s, "method": "grpo", "success_rate": 0.5} for s in (1, 2)])
-    ev.main(["--plot", str(hint), str(grpo)])
+    (tmp_path / "summary.md").write_text("| method |\n")  # what `--plot runs/learn/*` also matches: skipped silently
+    ev.main(["--plot", str(hint), str(grpo), str(tmp_path / "summary.md")])
     out, err = capsys.readouterr()
     names = ("success.png", "kl.png", "target_steps.png")
-    assert out.splitlines() == [str(hint / "plots" / n) for n in names]  # default: plots/ in the first run dir
+    assert out.splitlines() == [str(Path("plots") / n) for n in names]  # default: plots/ in the current directory
+    assert "summary.md" not in err
     for n in names:
-        data = (hint / "plots" / n).read_bytes()
+        data = (tmp_path / "plots" / n).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) < 500_000
     assert f"{hint / 'metrics.jsonl'}:4: not valid JSON" in err and f"{hint / 'curve.jsonl'}:7:" in err
 
