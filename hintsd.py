@@ -1152,12 +1152,9 @@ def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tup
 
 
 # === plumbing: nothing below is needed to understand the method
-
-
 # ----------------------------------------------------------------------------- settings and checks
-# Presets fill every setting not given on the command line. "paper" is the authors' protocol (their public code,
-# wgcyeo/HINT-SD); "cpu" is a demo of the whole cycle on a 2-core machine. The README's protocol table lists
-# every difference.
+# Presets fill every setting not given on the command line: "paper" is the authors' protocol (their public code,
+# wgcyeo/HINT-SD), "cpu" a demo of the whole cycle on a 2-core machine (the README's protocol table: every difference).
 PRESETS = {
     "paper": dict(steps=None, epochs=15, tasks_per_step=2, rollouts=4, tasks=None, limit=None, turns=None,
                   lr=5e-6, lr_schedule="linear", lora_rank=32, lora_alpha=64.0, lora_dropout=0.05,
@@ -1174,17 +1171,24 @@ PRESETS = {
                 max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999, action_protocol="friendly", after_check=True,
                 model=DEFAULT_MODEL),
 }
-
 # cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
 CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
-
 METHODS = ("hintsd", "sdpo", "openclaw", "grpo", "sft", "initial")
-
 DISTILL_METHODS = ("hintsd", "sdpo", "openclaw")  # the methods with a feedback-conditioned teacher
-
 # settings that may differ from a checkpoint's on --resume: they change neither what is learned nor the numbers
 RESUMABLE = {"steps", "epochs", "out", "resume", "allow_change", "merge", "print_config", "after_check",
              "cuda_graphs", "grad_ckpt", "pack_tokens", "analyzer_timeout"}
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage) and exit 2."""
+
+    def error(self, message):
+        bad_setting(message)
+
+def bad_setting(message: str):
+    """A bad value (a flag, or a --resume mismatch): `hintsd.py: error: ...`, one line on stderr, exit 2."""
+    print(f"hintsd.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 def number(cast, low=None, strict=False):
     """An argparse type: cast (int or float), finite, and >= low (> low when strict)."""
@@ -1202,7 +1206,6 @@ def number(cast, low=None, strict=False):
     return parse
 
 positive_int, nonneg_int = number(int, 1), number(int, 0)
-
 finite_float, nonneg_float, positive_float = number(float), number(float, 0.0), number(float, 0.0, strict=True)
 
 def topk_value(text: str) -> int | None:
@@ -1210,7 +1213,7 @@ def topk_value(text: str) -> int | None:
     return None if text in ("exact", "all", "none") else positive_int(text)
 
 def check_device(ap: argparse.ArgumentParser, device: str) -> str:
-    """'cpu', 'cuda' or 'cuda:N' that exists on this machine; anything else is a parse error (exit 2)."""
+    """'cpu', 'cuda' or 'cuda:N' that exists on this machine; anything else is a parse error."""
     if device == "cpu":
         return device
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -1261,8 +1264,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) if action.default not in (None, [], False) else action.help
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset; "
+    ap = ArgumentParser(
+        prog="hintsd.py", description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset; "
                     "--print-config shows them resolved.", formatter_class=HelpFormatter)
     g = ap.add_argument_group("run")
     g.add_argument("--bench", default="bfcl", choices=envs.BENCHES,
@@ -1421,8 +1424,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 def check_analyzer_url(ap: argparse.ArgumentParser, url: str) -> None:
-    """An http(s) URL with a host and no credentials: the URL is saved in every checkpoint's settings, so a key
-    belongs in $HINTSD_ANALYZER_KEY. (The URL itself is never echoed: it may hold a key.)"""
+    """An http(s) URL with a host and no credentials (it is saved in checkpoints; never echoed: it may hold a key)."""
     try:
         parts = urllib.parse.urlsplit(url)
         ok = parts.scheme in ("http", "https") and parts.hostname and (parts.port or 0) >= 0  # .port: bad ones raise
@@ -1470,17 +1472,17 @@ def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
     shapes of what is trained (model, LoRA rank and targets, full fine-tuning) can never change."""
     allowed = {x.lstrip("-").replace("-", "_") for x in allowed}
     if allowed - set(now):
-        raise SystemExit(f"--allow-change: unknown setting(s) {sorted(allowed - set(now))}")
+        bad_setting(f"--allow-change: unknown setting(s) {sorted(allowed - set(now))}")
     if allowed & {"model", "lora_rank", "lora_targets"}:
-        raise SystemExit("--allow-change: model, lora_rank and lora_targets fix the shapes of what is trained; "
+        bad_setting("--allow-change: model, lora_rank and lora_targets fix the shapes of what is trained; "
                          "a checkpoint cannot continue under other ones")
     free = RESUMABLE - ({"steps", "epochs"} if saved.get("lr_schedule") == "linear" else set())  # the decay's length
     diff = [k for k in sorted(set(saved) | set(now)) if k not in free and k not in allowed
             and saved.get(k) != now.get(k)]
     if diff:
         lines = "; ".join(f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
-        raise SystemExit(f"--resume: settings differ from the checkpoint's ({lines}). Use the checkpoint's values, "
-                         f"or --allow-change {' '.join(diff)} to continue anyway.")
+        bad_setting(f"--resume: settings differ from the checkpoint's ({lines}). Use the checkpoint's values, "
+                    f"or --allow-change {' '.join(diff)} to continue anyway.")
 
 def read_sft_data(path: str, max_len: int) -> list[tuple[int, str, list[str]]]:
     """(line number, task_id, actions) of each line of an --sft-data file; ValueError naming the line for a line
@@ -1545,8 +1547,7 @@ def lora_report(model, targets, explicit: bool) -> str:
 
 # ----------------------------------------------------------------------------- checkpoints and the run lock
 def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
-    """state (tensors and plain values) -> out/ckpt-<step>/, atomically: written to a temp dir, renamed, and
-    only then pointed to by out/LATEST (itself replaced atomically). Keeps this run's last two checkpoints."""
+    """state -> out/ckpt-<step>/ atomically (a temp dir renamed, then out/LATEST replaced); keeps the last two."""
     final, tmp = out / f"ckpt-{step:06d}", out / f".ckpt-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     part = tmp / "state.pt"
@@ -1578,8 +1579,8 @@ def read_checkpoint(d: Path, device) -> tuple[dict, dict]:
     return torch.load(d / "state.pt", map_location=device, weights_only=True), meta["settings"]
 
 def latest_checkpoint(out: Path, device) -> tuple[Path, dict, dict] | None:
-    """The newest intact checkpoint: LATEST if it loads, else the newest ckpt-* that does. A broken one is said,
-    moved aside as <name>.broken (never deleted), and skipped."""
+    """The newest intact checkpoint: LATEST if it loads, else the newest ckpt-* that does; a broken one is said,
+    moved aside as <name>.broken, and skipped."""
     pointed = (out / "LATEST").read_text().strip() if (out / "LATEST").is_file() else ""
     candidates = [out / pointed] if re.fullmatch(r"ckpt-\d+", pointed) else []
     candidates += [p for p in reversed(checkpoints(out)) if p.name != pointed]
@@ -1600,8 +1601,7 @@ def latest_checkpoint(out: Path, device) -> tuple[Path, dict, dict] | None:
     return None
 
 def merge_and_save(model, out_dir: Path, master: bool = True) -> None:
-    """Fold LoRA into the base weights (W += scale * B A) and save a plain HF model dir that eval.py loads
-    (under FSDP2 every rank gathers the whole weights, rank 0 writes)."""
+    """Fold LoRA into the base weights (W += scale * B A), save a plain HF model dir (FSDP2: rank 0 writes)."""
     if any(hasattr(p, "device_mesh") for p in model.parameters()):
         # FSDP2 only; imported here because importing it adds about 0.2 s to every start (also below)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -1620,8 +1620,7 @@ def merge_and_save(model, out_dir: Path, master: bool = True) -> None:
     model.save_pretrained(out_dir)
 
 def trim_jsonl(path: Path, step: int) -> None:
-    """Keep the rows of steps <= step (a crash can leave rows past the last checkpoint, or a half-written line).
-    Streamed line by line into a temp file that then replaces the log: memory is one line, whatever the log's size."""
+    """Keep the rows of steps <= step (a crash can leave later rows, or half a line), streamed through a temp file."""
     if not path.exists():
         return
     tmp = path.with_name(path.name + ".tmp")
@@ -1639,7 +1638,7 @@ def trim_jsonl(path: Path, step: int) -> None:
         raise SystemExit(write_failure(tmp, e) + f"; {path} is unchanged") from None
 
 def write_failure(path: Path, e: OSError) -> str:
-    """One line for a write that failed (a full disk, a quota, a read-only dir): the file and the cause."""
+    """One line for a write that failed (a full disk, a quota, a read-only dir)."""
     return f"cannot write {e.filename or path}: {e.strerror or e}"
 
 def torch_save(state: dict, path: Path) -> None:
@@ -1670,9 +1669,8 @@ def writing(path: Path, then: str = ""):
 
 @contextmanager
 def run_lock(out: Path):
-    """out/LOCK names this process while it runs (host, pid, and the process's boot and start time, so a later
-    process with the same pid is told apart); a second run on the same --out is refused, and a lock whose process
-    is gone is taken over with a message."""
+    """out/LOCK names this process while it runs (host, pid, boot and start time); a second run on the same --out
+    is refused, a lock whose process is gone taken over with a message."""
     lock, me, tmp = out / "LOCK", lock_text(os.getpid()), out / f".LOCK.tmp-{os.getpid()}"
     tmp.write_text(me)
     try:
@@ -1698,8 +1696,7 @@ def run_lock(out: Path):
             lock.unlink()
 
 def process_start(pid: int) -> str | None:
-    """'<boot id>/<start time in clock ticks>' of a live process: with its pid, a name no other process of any
-    boot shares (None where /proc cannot tell, or the process is gone)."""
+    """'<boot id>/<start time in clock ticks>' of a live process, unique with its pid (None if /proc cannot tell)."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -1719,8 +1716,8 @@ def lock_fields(lock: Path) -> tuple[str, str, str]:
     return host, pid, start
 
 def lock_holder(lock: Path) -> str | None:
-    """'host H, pid P' of a lock held by a live process (or a process on another host), else None (stale). This
-    process is never the holder, nor a live process whose start differs from the one the lock records."""
+    """'host H, pid P' of a lock held by a live process (or one on another host), else None (stale: also this
+    process, or a live one whose start differs from the lock's)."""
     host, pid, start = lock_fields(lock)
     if not pid.isdigit():  # empty (a crash between creating and writing it) or garbled
         return None
@@ -1737,7 +1734,6 @@ def lock_holder(lock: Path) -> str | None:
         if start not in ("", "?") and now is not None and now != start:  # the pid now names another process
             return None
     return f"host {host}, pid {pid}"
-
 
 # ----------------------------------------------------------------------------- distributed helpers
 def init_distributed(device: str) -> tuple[bool, int, int, str]:
@@ -1760,9 +1756,8 @@ def all_sum(values: list[float], ddp: bool) -> list[float]:
     return t.tolist()
 
 def shard(model) -> list[torch.nn.Parameter]:
-    """FSDP2: each decoder layer, then the rest of the model, sharded over the ranks (so a model whose weights,
-    gradients and AdamW moments do not fit one GPU can train). Gradients are summed over ranks, not averaged:
-    the loss's normalisers already count every rank's tokens. Returns the (sharded) params."""
+    """FSDP2: each decoder layer, then the rest, sharded over the ranks; gradients summed, not averaged (the loss's
+    normalisers count every rank's tokens). Returns the (sharded) params."""
     for layer in model.base_model.layers:
         fully_shard(layer)
     fully_shard(model, reshard_after_forward=True)
@@ -1771,12 +1766,12 @@ def shard(model) -> list[torch.nn.Parameter]:
         m.set_force_sum_reduction_for_comms(True)
     return list(model.parameters())
 
-def fsdp_units(model) -> list:
+def fsdp_units(model) -> list:  # the modules fully_shard wrapped
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 def hold_whole(model, on: bool) -> None:
-    """FSDP2: gather every unit's weights once and keep them whole (forwards and backwards then need no collective,
-    so ranks may run different numbers of them), or shard them again."""
+    """FSDP2: every unit's weights gathered and kept whole (ranks may then run different numbers of forwards and
+    backwards), or sharded again."""
     for m in fsdp_units(model):
         m.set_reshard_after_forward(not on, recurse=False)
         m.set_reshard_after_backward(not on, recurse=False)
@@ -1784,11 +1779,12 @@ def hold_whole(model, on: bool) -> None:
 
 
 @contextmanager
-def data_parallel(run, ddp: bool, fsdp: bool):
-    """A training step over several processes; nothing in one. FSDP2 (fsdp): the weights held whole, as ranks play
-    different episodes and no collective may run before the end; gradients accumulate locally and one zero-loss
-    backward on every rank reduce-scatters them. DDP: the gradients all-reduced. Each rank's loss used the global
-    normalisers, so the gradient is the sum."""
+def data_parallel(run, ddp: bool, full_finetune: bool):
+    """A training step over several processes (nothing in one). FSDP2 (full fine-tuning): the weights held whole, as
+    ranks play different episodes and no collective may run before the end; gradients accumulate locally, then one
+    zero-loss backward on every rank reduce-scatters them. DDP: the gradients all-reduced. Each rank's loss used
+    the global normalisers, so the gradient is the sum."""
+    fsdp = ddp and full_finetune
     if fsdp:
         hold_whole(run.model, True)
         run.model.set_requires_gradient_sync(False)
@@ -1804,11 +1800,9 @@ def data_parallel(run, ddp: bool, fsdp: bool):
         for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
             p.grad.copy_(g.view_as(p))
 
-
 # ----------------------------------------------------------------------------- memory heuristics
 def set_grad_ckpt(model, on: bool) -> None:
-    """Activation checkpointing per decoder layer, on or off (transformers names the switch differently across
-    versions); it acts in train mode under autograd only."""
+    """Activation checkpointing per decoder layer, on or off (the switch's name differs across transformers)."""
     if getattr(model, "hintsd_ckpt", None) == on:
         return
     if on:
@@ -1822,9 +1816,8 @@ def set_grad_ckpt(model, on: bool) -> None:
     model.hintsd_ckpt = on
 
 def needs_ckpt(model, n_tokens: int) -> bool:
-    """Whether one forward with grad over n_tokens would not fit without activation checkpointing: a rough
-    estimate of the activations kept for backward against the memory free now (half of a GPU's; a quarter of a
-    CPU machine's, which other processes share)."""
+    """Whether a forward with grad over n_tokens needs activation checkpointing: a rough estimate of the activations
+    kept for backward against half the GPU's free memory, or a quarter of the machine's (/proc/meminfo)."""
     cfg = model.config.get_text_config()
     per_token = cfg.num_hidden_layers * (18 * cfg.hidden_size + 4 * cfg.intermediate_size)
     need = n_tokens * per_token * model.get_input_embeddings().weight.element_size()
@@ -1838,7 +1831,6 @@ def peak_memory_gb(device) -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
-
 
 # ----------------------------------------------------------------------------- checkpoint state
 def rng_state(device) -> dict:
@@ -1870,10 +1862,10 @@ def checkpoint_state(run: Run, step: int, rngs: list[dict]) -> dict:
 def load_state(run: Run, state: dict, args, device, world: int) -> int:
     """Restore what checkpoint_state saved; a changed lr (allowed with --allow-change lr) takes effect."""
     if [p.shape for p in run.params] != [v.shape for v in state["params"]]:
-        raise SystemExit("--resume: the checkpoint's trained tensors have other shapes (model / LoRA settings)")
+        bad_setting("--resume: the checkpoint's trained tensors have other shapes (model / LoRA settings)")
     if set(run.shadows) - set(state["shadows"]):
-        raise SystemExit(f"--resume: the checkpoint has no {sorted(set(run.shadows) - set(state['shadows']))} "
-                         f"weights; --feedback {args.feedback} cannot continue it")
+        bad_setting(f"--resume: the checkpoint has no {sorted(set(run.shadows) - set(state['shadows']))} "
+                    f"weights; --feedback {args.feedback} cannot continue it")
     with torch.no_grad():
         for p, v in zip(run.params, state["params"]):
             p.copy_(placed_like(v, p))
@@ -1900,12 +1892,10 @@ def load_state(run: Run, state: dict, args, device, world: int) -> int:
         torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
     return state["step"]
 
-
 # ----------------------------------------------------------------------------- logging rows
 def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: int, dropped: dict | None, times,
                 device, ddp, lr) -> dict:
-    """The step's metrics, summed over ranks (times and peak memory: the slowest / largest rank). dropped: the
-    targets replay verification dropped, by reason (None: no verification)."""
+    """The step's metrics, summed over ranks (times and peak memory: the largest). dropped: by replay, by reason."""
     sft = method == "sft"
     counts = [sum(t.reward for t in trajs), len(trajs), sum(t.status == "overflow" for t in trajs), len(sig.targets),
               failures, *[(dropped or {}).get(k, 0) for k in envs.CORRECTION_PROBLEMS], *asdict(sums).values(),
@@ -2006,7 +1996,6 @@ def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) ->
             f.flush()
             os.fsync(f.fileno())
 
-
 # ----------------------------------------------------------------------------- run setup and finish
 def setup_run(args, out: Path, ddp: bool, world: int, device: str, master: bool):
     """The tasks, the model with its trainable params, the shadows, the optimizer, restored from a checkpoint on
@@ -2075,7 +2064,6 @@ def finish_run(run, args, out: Path, master: bool) -> None:
         if master:
             run.tok.save_pretrained(out / "merged")
             print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
-
 
 # ----------------------------------------------------------------------------- speed: CUDA graphs
 class CudaGraphs:
