@@ -1490,10 +1490,8 @@ def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
                     f"or --allow-change {' '.join(diff)} to continue anyway.")
 
 def read_sft_data(path: str, max_len: int) -> list[tuple[int, str, list[str]]]:
-    """(line number, task_id, actions) of each line of an --sft-data file; ValueError naming the line for a line
-    that is not UTF-8 JSON, has a task_id that is not a string, or no list of string actions ("actions", or the
-    assistant contents of "messages"). A line that could not fit max_len tokens (more than CHARS_PER_TOKEN
-    characters a token) is refused before anything is tokenized; a longer line is never read whole."""
+    """(line number, task_id, actions) of each line of an --sft-data file; ValueError naming a line that is not
+    UTF-8 JSON or no sft_actions record, or that could not fit max_len tokens (never read whole, nor tokenized)."""
     limit, out = max_len * prompts.CHARS_PER_TOKEN, []
     with open(path, "rb") as f:
         for n, raw in enumerate(iter(lambda: f.readline(12 * limit + 2), b""), 1):  # 12: a JSON-escaped character
@@ -1526,14 +1524,14 @@ def sft_actions(d) -> list[str] | None:
     return acts if isinstance(acts, list) and acts and all(isinstance(a, str) for a in acts) else None
 
 def lora_report(model, targets, explicit: bool) -> str:
-    """One line: what got adapters, and the weights of the decoder layers that did not (fused MoE experts, say).
-    Raises SystemExit (one line) when a named target matches no linear layer (explicit lists), or nothing does."""
+    """One line: what got adapters, and the decoder layers' weights that did not (fused MoE experts, say). A bad
+    value when a named target matches no linear layer (explicit lists), or nothing does."""
     found = lora_modules(model, targets)
     linear = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     missing = [t for t, ps in found.items() if not ps]
     if (explicit and missing) or len(missing) == len(found):
-        raise SystemExit(f"--lora-targets: {', '.join(missing)} match(es) no linear layer of this model; its linear "
-                         f"layers are: {', '.join(linear)}")
+        bad_setting(f"--lora-targets: {', '.join(missing)} match(es) no linear layer of this model; its linear "
+                    f"layers are: {', '.join(linear)}")
     adapted = {}  # module name -> the targets it serves
     for t, ps in found.items():
         for p in ps:
@@ -1548,7 +1546,6 @@ def lora_report(model, targets, explicit: bool) -> str:
     on = [m if ts == {m} else f"{m} (fused: for {', '.join(sorted(ts))})" for m, ts in sorted(adapted.items())]
     return f"LoRA on {', '.join(on)}" + (f"; not adapted: {', '.join(k + v for k, v in sorted(skipped.items()))}"
                                          if skipped else "")
-
 
 # ----------------------------------------------------------------------------- 11. checkpoints and the run lock
 def save_checkpoint(out: Path, step: int, state: dict, settings: dict) -> None:
