@@ -42,6 +42,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard  # (transformers imports these two anyway)
@@ -148,6 +149,18 @@ class Episode:
     pending: list[int] = field(default_factory=list)  # ids after the last action, not yet in the KV cache
     header_len: int = 0           # tokens of the assistant header that ends `pending`
 
+def play_tasks(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict]]):
+    """The step's trajectories and their groups (indices, one group a task): n rollouts per task, all of this rank's
+    tasks in one batch, each rollout seeded by (step, task, n); sft: a batch of the fixed dataset, no rollouts."""
+    if cfg.method == "sft":
+        return [demo for _, demo in batch], [[i] for i in range(len(batch))]
+    make = lambda task: envs.make_env(task, cfg.action_format, cfg.max_env_steps, cfg.action_protocol)  # noqa: E731
+    with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
+        trajs = rollout(run.model, run.tok, [make(task) for _, task in batch for _ in range(cfg.rollouts)],
+                        cfg.sampling, [seed_of(cfg.seed, step, j, r) for j, _ in batch for r in range(cfg.rollouts)],
+                        bar)
+    return trajs, [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
+
 def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], progress=None,
             forced: list[list[str]] | None = None, hints: list | None = None) -> list[Trajectory]:
     """Play every environment to the end in one batch; row r of the KV cache is rows[r] (None once over). An action
@@ -184,18 +197,6 @@ def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], prog
     for ep in eps:
         ep.traj.reward = float(ep.env.reward())
     return [ep.traj for ep in eps]
-
-def play_tasks(run: Run, cfg: StepConfig, step: int, batch: list[tuple[int, dict]]):
-    """The step's trajectories and their groups (indices, one group a task): n rollouts per task, all of this rank's
-    tasks in one batch, each rollout seeded by (step, task, n); sft: a batch of the fixed dataset, no rollouts."""
-    if cfg.method == "sft":
-        return [demo for _, demo in batch], [[i] for i in range(len(batch))]
-    make = lambda task: envs.make_env(task, cfg.action_format, cfg.max_env_steps, cfg.action_protocol)  # noqa: E731
-    with tqdm(desc="  rollout", unit="tok", leave=False) as bar:
-        trajs = rollout(run.model, run.tok, [make(task) for _, task in batch for _ in range(cfg.rollouts)],
-                        cfg.sampling, [seed_of(cfg.seed, step, j, r) for j, _ in batch for r in range(cfg.rollouts)],
-                        bar)
-    return trajs, [list(range(g * cfg.rollouts, (g + 1) * cfg.rollouts)) for g in range(len(batch))]
 
 def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episode:
     msgs = env.reset()
@@ -1210,7 +1211,7 @@ def number(cast, low=None, strict=False):
     return parse
 
 positive_int, nonneg_int = number(int, 1), number(int, 0)
-finite_float, nonneg_float, positive_float = number(float), number(float, 0.0), number(float, 0.0, strict=True)
+nonneg_float, positive_float = number(float, 0.0), number(float, 0.0, strict=True)
 
 def topk_value(text: str) -> int | None:
     """argparse type for --topk: 'exact' (full-vocabulary KL) or an int >= 1."""
