@@ -25,3 +25,12 @@ def test_missing_model_gives_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="exists but is not a loadable model dir"):
         hintsd.load_model(str(tmp_path))
+
+
+def test_random_dir_without_a_chat_template_fails_in_one_line(tmp_path, tiny):
+    """--model random:DIR needs a tokenizer with a chat template in DIR as well as the config: a config-only dir
+    is refused at load time in one line naming the chat template."""
+    tiny.config.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        hintsd.load_model(f"random:{tmp_path}")
+    assert "chat template" in str(e.value.code) and "\n" not in str(e.value.code)

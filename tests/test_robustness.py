@@ -485,14 +485,17 @@ def test_parse_speed_bench_analyzer_rows_run():
 
 
 # ----------------------------------------------------------------------------- 8. --resume checks the settings
-def test_resume_with_other_lr_is_refused_then_allowed(tiny_qwen, run1, tmp_path):
-    """Item 8: --resume with another --lr is refused, naming --lr and --allow-change; with --allow-change lr the
-    run continues and the new step's "lr" is the new rate (the cpu preset's schedule is constant)."""
+def test_resume_with_other_lr_is_refused_then_allowed(tiny_qwen, run1, tmp_path, capsys):
+    """Item 8: --resume with another --lr is refused (one line, exit 2, as any bad value), naming --lr and
+    --allow-change; with --allow-change lr the run continues and the new step's "lr" is the new rate (the cpu
+    preset's schedule is constant)."""
     out = copy_run(run1, tmp_path)
     before = snapshot(out)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         hintsd.main(cli(tiny_qwen, out, 2, resume=True, changes={"--lr": "3e-2"}))
-    msg = str(e.value.code)
+    msg = capsys.readouterr().err
+    assert e.value.code == 2 and msg.startswith("hintsd.py: error: ") and msg.count("\n") == 1
     assert "--lr" in msg and "--allow-change" in msg
     assert snapshot(out) == before
     hintsd.main(cli(tiny_qwen, out, 2, resume=True, changes={"--lr": "3e-2"}, extra=["--allow-change", "lr"]))
@@ -505,24 +508,25 @@ CHANGES = {"--method": "grpo", "--lora-alpha": "32", "--seed": "7", "--lora-rank
 
 
 @pytest.mark.parametrize("flag", CHANGES)
-def test_resume_with_changed_setting_is_refused_naming_it(tiny_qwen, run1, tmp_path, flag):
+def test_resume_with_changed_setting_is_refused_naming_it(tiny_qwen, run1, tmp_path, flag, capsys):
     """Item 8: a different --method, --lora-alpha, --seed, --lora-rank or --feedback is refused with a SystemExit
     that names the flag (not a RuntimeError / KeyError from loading the state)."""
     out = copy_run(run1, tmp_path)
     before = snapshot(out)
     with pytest.raises(SystemExit) as e:
         hintsd.main(cli(tiny_qwen, out, 2, resume=True, changes={flag: CHANGES[flag]}))
-    msg = str(e.value.code)
+    msg = capsys.readouterr().err
+    assert e.value.code == 2
     assert flag in msg and "--allow-change" in msg
     assert snapshot(out) == before
 
 
-def test_resume_with_several_changes_names_each(tiny_qwen, run1, tmp_path):
+def test_resume_with_several_changes_names_each(tiny_qwen, run1, tmp_path, capsys):
     """Item 8: all of them at once: one refusal that names every differing flag."""
     out = copy_run(run1, tmp_path)
     with pytest.raises(SystemExit) as e:
         hintsd.main(cli(tiny_qwen, out, 2, resume=True, changes=CHANGES))
-    msg = str(e.value.code)
+    msg = capsys.readouterr().err
     assert all(flag in msg for flag in CHANGES), msg
 
 
@@ -544,13 +548,15 @@ def test_allow_change_takes_the_flag_spelling(tiny_qwen, run1, tmp_path):
 
 @pytest.mark.parametrize("flag,value,name", [("--lora-rank", "8", "lora_rank"),
                                              ("--feedback", "initial", "feedback")])
-def test_allow_change_of_a_structural_setting_is_refused_cleanly(tiny_qwen, run1, tmp_path, flag, value, name):
+def test_allow_change_of_a_structural_setting_is_refused_cleanly(tiny_qwen, run1, tmp_path, flag, value, name,
+                                                                 capsys):
     """Item 8: --allow-change of a setting the checkpoint's state cannot be loaded under (other LoRA shapes, a
     shadow the checkpoint lacks) is a clean SystemExit naming the flag, not a RuntimeError / KeyError."""
     out = copy_run(run1, tmp_path)
     with pytest.raises(SystemExit) as e:
         hintsd.main(cli(tiny_qwen, out, 2, resume=True, changes={flag: value}, extra=["--allow-change", name]))
-    assert flag in str(e.value.code) or name in str(e.value.code)
+    msg = str(e.value.code) + capsys.readouterr().err
+    assert flag in msg or name in msg
 
 
 # ----------------------------------------------------------------------------- 9. corrupt checkpoints
@@ -717,7 +723,7 @@ def test_bad_flag_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatc
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert flag in err and "Traceback" not in err
-        assert "error:" in err
+        assert err.startswith("hintsd.py: error:") and err.count("\n") == 1  # one line: no usage before it
         assert time.time() - t0 < 10
         if "--out" in bad:
             assert not Path(bad[bad.index("--out") + 1]).exists()
