@@ -2081,7 +2081,8 @@ class CudaGraphs:
         if not self.enabled:
             return decode_one_token(model, cache, tokens, active, width)
         if cache.id != self.cache_id:  # graphs of other (or moved) buffers can never be replayed again
-            self.graphs, self.cache_id = {}, cache.id
+            # (and a fresh memory pool: once the dropped graphs release theirs, PyTorch cannot capture into it again)
+            self.graphs, self.cache_id, self.pool = {}, cache.id, None
         g = self.graphs.get(width)
         if g is None:
             return self.capture(model, cache, tokens, active, width)

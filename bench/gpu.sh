@@ -46,10 +46,12 @@ else
   (cd /tmp/base && git checkout -q "$BASE") || fail "cannot check out BASE=$BASE in /tmp/base"
 fi
 mkdir -p "$OUT"
-# each part gets min(its own limit, what is left of BUDGET seconds), so the whole script fits one short GPU lease
+# each part gets min(its own limit, what is left of BUDGET seconds), so the whole script fits one short GPU lease;
+# ONLY="name ..." runs those parts alone
 BUDGET=${BUDGET:-540}; START=$SECONDS
 run() {
   name=$1; t=$2; shift 2; left=$((BUDGET - (SECONDS - START))); [ "$t" -gt "$left" ] && t=$left
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="generate train_step": a rerun
   if [ "$t" -lt 20 ]; then echo "== $name skipped (BUDGET=$BUDGET s spent)"; return; fi
   echo "== $name (limit $t s)"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc $? $(tail -n 3 "$OUT/$name.log")"
 }
