@@ -2116,6 +2116,11 @@ class CudaGraphs:
             print(f"[hintsd] CUDA graphs off ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)
             self.enabled = False
             cache.lengths.copy_(before)
+            try:  # a capture that broke off can leave CUDA's random generator in capture mode (seen on torch 2.11)
+                torch.rand(1, device=cache.lengths.device)
+            except RuntimeError as broken:
+                raise SystemExit(f"[hintsd] a failed CUDA graph capture left CUDA's random generator unusable "
+                                 f"({broken}); run again with --no-cuda-graphs") from e
             return decode_one_token(model, cache, tokens, active, width)
         self.graphs[width] = {**static, "graph": graph}
         return want
