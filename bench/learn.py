@@ -18,8 +18,8 @@ The hindsight sources of Table 3 (HINT-SD Multi, only the source changes):
   hintsd-initial      the frozen initial policy as the analyzer (the paper's analyzer)
   hintsd-env          no analyzer: the raw environment output of the first failing steps
   hintsd-oracle       the BFCL ground-truth oracle (an upper bound, not self-hindsight)
-  hintsd-best         the EMA teacher with the best setting of bench/analyzer.py (compact view, answers forced
-                      to parse) and corrections checked by replay (--verify-targets)
+  hintsd-best         the EMA teacher with the best setting of bench/analyzer.py (the paper's analyzer with its
+                      answers forced to parse: --analyzer-forced) and corrections checked by replay (--verify-targets)
 and the controls: grpo (the terminal reward) and initial (no training: the base model, flat by definition).
 Every --eval-every steps, and at step 0, the trained tasks are evaluated (k rollouts each, temperature 0.6,
 rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. The step-0 evaluation
@@ -49,7 +49,8 @@ METHODS = {"hintsd-ema": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANAL
            "hintsd-initial": ["--method", "hintsd", "--feedback", "initial", *PAPER_ANALYZER],
            "hintsd-env": ["--method", "hintsd", "--feedback", "env"],
            "hintsd-oracle": ["--method", "hintsd", "--feedback", "oracle"],
-           "hintsd-best": ["--method", "hintsd", "--feedback", "ema", "--analyzer-forced", "--verify-targets"],
+           "hintsd-best": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANALYZER, "--analyzer-forced",
+                           "--verify-targets"],
            "grpo": ["--method", "grpo"], "initial": None}
 TRAIN = ["multi_turn_base_93", "multi_turn_base_146", "multi_turn_base_9", "multi_turn_base_66"]
 HELD_OUT = ["multi_turn_base_116", "multi_turn_base_126", "multi_turn_base_142", "multi_turn_base_107"]
