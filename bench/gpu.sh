@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed goals in one go, for a machine with one NVIDIA GPU (no network needed): random-init
-# Qwen3-4B in bf16, this checkout against an older commit (BASE), each part with its own timeout.
+# Qwen3-4B in bf16, this checkout against an older commit (BASE), the parts within BUDGET seconds (default 540).
 #
 #   GPU=DIR BASE=94fb8c9 bash bench/gpu.sh            # results under $OUT (default runs/gpu)
 #
@@ -42,7 +42,7 @@ if [ -f "$BASE/hintsd.py" ]; then BASEDIR=$(cd "$BASE" && pwd)
 else
   BASEDIR=/tmp/base
   [ -d /tmp/base ] || git worktree add -q --detach /tmp/base "$BASE" 2> /dev/null \
-    || fail "cannot check out BASE=$BASE into /tmp/base (a commit of this repository's history, or a folder with hintsd.py)"
+    || fail "cannot check out BASE=$BASE into /tmp/base (a commit of this repository, or a folder with hintsd.py)"
   (cd /tmp/base && git checkout -q "$BASE") || fail "cannot check out BASE=$BASE in /tmp/base"
 fi
 mkdir -p "$OUT"
