@@ -60,9 +60,9 @@ def make(a, model, tok):
             print(task["id"], [t.reward for t in trajs], flush=True)
 
 
-def replayed(model, tok, tasks_by_id) -> list:
+def replayed(model, tok, tasks_by_id, path) -> list:
     """The saved rollouts as trajectories, replayed through the real environment (no model call)."""
-    rows = [json.loads(x) for x in open(ROLLOUTS)]
+    rows = [json.loads(x) for x in open(path)]
     envs_ = [envs.make_env(tasks_by_id[r["task_id"]], "json", 3, "friendly") for r in rows]
     trajs = hintsd.rollout(model, tok, envs_, SAMPLING, [0] * len(rows), forced=[r["actions"] for r in rows])
     assert all(t.reward < 1.0 for t in trajs)
@@ -110,7 +110,7 @@ def main():
     if a.make:
         return make(a, model, tok)
     tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}
-    trajs = replayed(model, tok, tasks_by_id)
+    trajs = replayed(model, tok, tasks_by_id, a.rollouts)
     oracle = [oracle_of(tasks_by_id[t.task_id], t) for t in trajs]
     print(f"{len(trajs)} failed rollouts of {len({t.task_id for t in trajs})} tasks; the oracle names a step in "
           f"{sum(s is not None for s, _ in oracle)} and a function in {sum(f is not None for _, f in oracle)}; "
@@ -125,20 +125,21 @@ def main():
         seconds = time.perf_counter() - t0
         per = [[tg for tg in h.targets if tg.traj == i] for i in range(len(trajs))]
         firsts = [p[0] for p in per if p]
-        if not a.verify:
-            rows.append((name, score(trajs, per, oracle, None), seconds, len(h.targets)))
-            print(f"{name}: {seconds:.0f} s, {len(h.targets)} targets; {fmt(rows[-1][1])}", flush=True)
-        else:
-            t0 = time.perf_counter()  # replay verification of every target: "executable" is that of the first ones
+        executable, line = None, ""
+        if a.verify:  # replay verification of every target: "executable" is that of the first ones
+            t0 = time.perf_counter()
             kept, dropped = hintsd.verify_targets(model, tok, trajs, h.targets, None, tasks_by_id, 64, "json",
                                                   "friendly", 3)
             verify_s = time.perf_counter() - t0
             ok = {id(tg) for tg in kept}
-            rows.append((name, score(trajs, per, oracle, [id(tg) in ok for tg in firsts]), seconds, len(h.targets)))
-            per_kept = [[tg for tg in p if id(tg) in ok] for p in per]
-            rows.append((name + "+verify", score(trajs, per_kept, oracle, None), seconds + verify_s, len(kept)))
-            print(f"{name}: {seconds:.0f} s, {len(h.targets)} targets; {fmt(rows[-2][1])}; verification "
-                  f"{verify_s:.0f} s kept {len(kept)}, dropped {dropped}; after it: {fmt(rows[-1][1])}", flush=True)
+            executable = [id(tg) in ok for tg in firsts]
+            after = score(trajs, [[tg for tg in p if id(tg) in ok] for p in per], oracle, None)
+            line = f"; verification {verify_s:.0f} s kept {len(kept)}, dropped {dropped}; after it: {fmt(after)}"
+        first_scores = score(trajs, per, oracle, executable)
+        rows.append((name, first_scores, seconds, len(h.targets)))
+        if a.verify:
+            rows.append((name + "+verify", after, seconds + verify_s, len(kept)))
+        print(f"{name}: {seconds:.0f} s, {len(h.targets)} targets; {fmt(first_scores)}{line}", flush=True)
         for i, (ans, p) in enumerate(zip(h.answers, per)):
             if i < 3:
                 print(f"  answer {i}: {ans[:300]!r} -> {[(tg.step + 1, tg.feedback[:80]) for tg in p]}")

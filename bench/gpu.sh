@@ -21,7 +21,7 @@ GPU=${GPU:-.gpu}; BASE=${BASE:-94fb8c9}; OUT=${OUT:-runs/gpu}
 PY=python3; [ -x .venv/bin/python ] && PY=$PWD/.venv/bin/python
 fail() { echo "bench/gpu.sh: $*" >&2; exit 2; }
 [ -d "$GPU" ] || fail "no folder $GPU (set GPU=DIR, the folder with qwen3-4b/: see bench/README.md#the-gpu-check)"
-GPU=$(cd "$GPU" && pwd); MODEL=random:$GPU/qwen3-4b   # absolute: BASE's step bench runs from /tmp/base
+GPU=$(cd "$GPU" && pwd); MODEL=random:$GPU/qwen3-4b   # absolute: BASE's step bench runs from $BASEDIR
 OLD=$MODEL; [ -f "$GPU/qwen3-4b-qwen25/tokenizer.json" ] && OLD=random:$GPU/qwen3-4b-qwen25
 SEE="see bench/README.md#the-gpu-check"
 [ -f "$GPU/qwen3-4b/config.json" ] || fail "missing $GPU/qwen3-4b/config.json (the Qwen3-4B-Instruct-2507 config; $SEE)"
