@@ -123,6 +123,7 @@ class Trajectory:
     reward: float = 0.0
     status: str = "running"  # "completed" | "max_steps" (step cap hit) | "overflow" (context limit hit)
     overflow: list[int] | None = None  # [prompt tokens, budget] of the prompt that was not sent, for the analyzer
+    tools: list[dict] = field(default_factory=list)  # schemas the chat template got (friendly protocol), ditto
 
     def to_json(self) -> dict:
         return {**self.__dict__, "steps": [s.__dict__ for s in self.steps]}
@@ -200,7 +201,8 @@ def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], prog
 
 def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episode:
     msgs = env.reset()
-    ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs)), seed, hint)
+    ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs), tools=env.tools), seed,
+                 hint)
     ep.traj.messages += hint_for(ep)
     ep.pending, ep.header_len = prompts.prompt_ids(tok, ep.traj.messages, env.tools)
     if len(ep.pending) + cfg.max_new_tokens > cfg.max_len:
@@ -302,14 +304,15 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
                 masks[window] = attention_mask & (pos[:, None] - pos[None, :] < window)
             attention_mask = masks[window]
         return attend(module, query, key, value, attention_mask, scaling, dropout, softcap), None
-    cache, slot, pos, mask = kv
-    rows, width = torch.arange(query.shape[0], device=query.device)[:, None], mask.shape[-1]
+    cache, slot, pos, mask, sel = kv  # sel [B]: the cache rows of the B query rows (None: every row, in order)
+    rows = torch.arange(query.shape[0], device=query.device) if sel is None else sel
+    width = mask.shape[-1]
     K, V = cache.k[module.layer_idx], cache.v[module.layer_idx]
-    K[rows, :, slot] = key.transpose(1, 2).to(K.dtype)
-    V[rows, :, slot] = value.transpose(1, 2).to(V.dtype)
+    K[rows[:, None], :, slot] = key.transpose(1, 2).to(K.dtype)
+    V[rows[:, None], :, slot] = value.transpose(1, 2).to(V.dtype)
     if window:
         mask = mask & (torch.arange(width, device=query.device) > pos[..., None] - window)
-    K, V = K[:, :, :width], V[:, :, :width]
+    K, V = (K[:, :, :width], V[:, :, :width]) if sel is None else (K[sel, :, :width], V[sel, :, :width])
     if query.shape[2] > 1:  # prefill (amortised over T queries)
         return attend(module, query, K, V, mask[:, None], scaling, 0.0, softcap), None
     # decode: grouped-query attention by hand, each cached key and value read once (SDPA would copy them per head)
@@ -347,18 +350,25 @@ def use_kv_attention(model) -> None:
         model.hintsd_own_attention = model.config._attn_implementation
         model.config._attn_implementation = "hintsd"
 
-def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int, keep) -> torch.Tensor:
+def forward_tokens(model, cache: KVCache, ids: torch.Tensor, new: torch.Tensor, width: int, keep,
+                   sel: torch.Tensor | None = None) -> torch.Tensor:
     """Run ids [B, T] (new [B, T]: real tokens, padding after them) against the cache and append the real ones.
-    Returns float32 logits [B, K, V] at the columns `keep` (int n: the last n; or K indices), from the model."""
-    pos = cache.lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)   # [B, T] token positions
+    sel [B]: the cache rows they belong to (None: all rows, in order). Returns float32 logits [B, K, V] at the
+    columns `keep` (int n: the last n; or K indices), from the model."""
+    lengths = cache.lengths if sel is None else cache.lengths[sel]
+    pos = lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)           # [B, T] token positions
     slot = torch.where(new, pos, cache.capacity)                                     # padding: scratch column
     mask = torch.arange(width, device=ids.device) <= pos[..., None]                  # [B, T, width]
-    out = model(input_ids=ids, position_ids=pos, attention_mask=mask[:, None], kv=(cache, slot, pos, mask),
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask[:, None], kv=(cache, slot, pos, mask, sel),
                 use_cache=False, logits_to_keep=keep)  # (a 4D mask: transformers builds none of its own)
-    cache.lengths += new.sum(1)
+    if sel is None:
+        cache.lengths += new.sum(1)
+    else:
+        cache.lengths.index_add_(0, sel, new.sum(1))
     return out.logits.float()
 
 PREFILL_CHUNK = 2048  # tokens per forward when prefilling: bounds the attention's memory on long prompts
+CPU_PREFILL_CHUNK = 512  # on a CPU: rows whose prompt ended drop out of the next piece, so less padding is computed
 
 def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.Tensor]:
     """A cache holding prompts_[b] in row b, room for `room` more tokens per row, and the next-token logits [B, V].
@@ -397,18 +407,22 @@ def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
     cache.reserve(T)
     ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)
     new = torch.arange(T, device=dev) < torch.tensor([len(c) for c in chunks], device=dev)[:, None]
-    last = [None] * len(chunks)
-    for c0 in range(0, T, PREFILL_CHUNK):
-        t = min(PREFILL_CHUNK, T - c0)
-        ends = [len(c) - 1 - c0 for c in chunks]  # each row's last token, as a column of this piece
-        keep = sorted({e for e in ends if 0 <= e < t})
-        logits = forward_tokens(model, cache, ids[:, c0:c0 + t], new[:, c0:c0 + t], cache.width(c0 + t),
-                                torch.tensor(keep or [0], device=dev))
-        for b, e in enumerate(ends):
-            if 0 <= e < t:
-                last[b] = logits[b, keep.index(e)]
+    last, step = [None] * len(chunks), PREFILL_CHUNK if dev.type == "cuda" else min(PREFILL_CHUNK, CPU_PREFILL_CHUNK)
+    for c0 in range(0, T, step):
+        t = min(step, T - c0)
+        live = [b for b, c in enumerate(chunks) if len(c) > c0]  # rows with tokens in this piece (no padding rows)
+        sel = None if len(live) == len(chunks) else torch.tensor(live, device=dev)
+        ends = [len(chunks[b]) - 1 - c0 for b in live]  # each row's last token, as a column of this piece
+        keep = sorted({e for e in ends if e < t})
+        rows = slice(None) if sel is None else sel
+        logits = forward_tokens(model, cache, ids[rows, c0:c0 + t], new[rows, c0:c0 + t], cache.width(c0 + t),
+                                torch.tensor(keep or [0], device=dev), sel)
+        for i, (b, e) in enumerate(zip(live, ends)):
+            if e < t:
+                last[b] = logits[i, keep.index(e)]
     cache.bound = [b + len(c) for b, c in zip(cache.bound, chunks)]
-    return torch.stack([x if x is not None else logits[b, 0] for b, x in enumerate(last)])
+    junk = next(x for x in last if x is not None)
+    return torch.stack([x if x is not None else junk for x in last])
 
 def decode_one_token(model, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor, width: int) -> torch.Tensor:
     """One token per row (tokens [B]; rows with active False write nothing) -> next-token logits [B, V]."""

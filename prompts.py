@@ -153,6 +153,18 @@ def initial_messages(messages: list[dict]) -> list[dict]:
     return messages[:first]
 
 
+def with_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The messages with the tool schemas the chat template was given (the friendly protocol) listed at the end of
+    the system message, compact JSON one per line as in the authors' system prompt: what the policy saw. Under the
+    authors' protocol tools is [] (their system prompt holds the list) and the messages are returned as they are."""
+    if not tools:
+        return messages
+    listing = "\n".join(json.dumps(x, ensure_ascii=False, separators=(",", ":")) for x in tools)
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": f"{_text(messages[0])}\n\nTools:\n{listing}"}, *messages[1:]]
+    return [{"role": "system", "content": f"Tools:\n{listing}"}, *messages]
+
+
 def stringified(messages: list[dict]) -> list[dict]:
     """Messages as the authors store a step's environment output (_stringify_message): a role other than system,
     user or assistant becomes user, the content its str()."""
@@ -196,12 +208,12 @@ def overflow_step(t, bench: str) -> str:
 
 def render_episode(t, split: str = "train", max_chars: int = MAX_TRAJ_CHARS, bench: str = "bfcl") -> str:
     """The authors' view of a rollout `t` (task_id, messages, steps with .text and .output, reward, status, and
-    overflow: [prompt tokens, budget] when the context limit stopped it).
+    overflow: [prompt tokens, budget] when the context limit stopped it, tools: the schemas the chat template got).
 
     Header (task id, split, final reward, success, terminated), the initial prompt unclipped (system prompt with
-    the tool schemas, first query), the step log clipped to its last max_chars characters (outputs under the
-    authors' roles, AppWorld actions as they store them, their pseudo-step after a context overflow), and the
-    last environment output of a failed run."""
+    the tool schemas, first query; under the friendly protocol the template's schemas are listed: with_tools),
+    the step log clipped to its last max_chars characters (outputs under the authors' roles, AppWorld actions as
+    they store them, their pseudo-step after a context overflow), and the last environment output of a failed run."""
     success = t.reward >= SUCCESS_REWARD
     terminated = t.status == "completed"
     blocks = []
@@ -217,9 +229,11 @@ def render_episode(t, split: str = "train", max_chars: int = MAX_TRAJ_CHARS, ben
     if getattr(t, "overflow", None):
         blocks.append(overflow_step(t, bench))
     log = clip_tail("\n\n".join(blocks), max_chars)
+    tools = getattr(t, "tools", None) or []  # friendly protocol: the schemas the chat template showed the policy
     parts = [f"Task id: {t.task_id}", f"Dataset: {split}", f"Final reward: {float(t.reward)}",
              f"Success: {success}", f"Terminated: {terminated}",
-             f"Initial task prompt:\n{format_messages(initial_messages(t.messages))}", f"Attempt trajectory:\n{log}"]
+             f"Initial task prompt:\n{format_messages(with_tools(initial_messages(t.messages), tools))}",
+             f"Attempt trajectory:\n{log}"]
     last_output = "\n".join(str(m.get("content", "")) for m in t.steps[-1].output).strip() if t.steps else ""
     if not success and t.status != "overflow" and last_output:
         parts.append(f"Last environment feedback:\n{last_output}")

@@ -1,7 +1,7 @@
 """The hindsight analyzer, offline: how often its answers name the step and the fix the oracle would, per setting.
 
-    python bench/analyzer.py --no-verify          # every setting on bench/analyzer_rollouts.jsonl (30 min, 2 cores)
-    python bench/analyzer.py                      # the same, each target also replay-verified (about 2 hours)
+    python bench/analyzer.py --no-verify          # every setting on bench/analyzer_rollouts.jsonl (~50 min, 2 cores)
+    python bench/analyzer.py                      # the same, each target also replay-verified (2-3 hours)
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
 
 The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with

@@ -105,6 +105,20 @@ def analyzer_record(run: Path, by_id: dict) -> str:
             + (f", {dropped} dropped by replay" if any("dropped_by_replay" in r for r in rows) else ""))
 
 
+def row_of(out: Path, method: str) -> str:
+    """The summary's row of one method: its curve, held-out before -> after, wall time, and the analyzer's record."""
+    at = {(r["step"], r["set"]): r for r in map(json.loads, (out / method / "curve.jsonl").open())}
+    trained = " -> ".join(f"{at[s, n]['successes']}/{at[s, n]['rollouts']}" for s, n in sorted(at) if n == "trained")
+    held = " -> ".join(f"{r['successes']}/{r['rollouts']}" for (s, n), r in sorted(at.items()) if n == "held-out")
+    minutes = out / method / "minutes.txt"
+    wall = sum(map(float, minutes.read_text().split())) if minutes.exists() else float("nan")
+    line = f"| {method} | {trained} | {held} | {wall:.0f} min |"
+    run = out / method / "run"
+    if method.startswith("hintsd") and (run / "rollouts.jsonl").exists():
+        line += " " + analyzer_record(run, {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}) + " |"
+    return line
+
+
 def main():
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -126,7 +140,6 @@ def main():
     out = hintsd.check_out_dir(ap, a.out)
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
     step0 = out / "step0.jsonl"  # the base model's evaluation: the same for every method (same weights, same seeds)
-    summary = []
     for method in a.methods:
         run = out / method / "run"
         (out / method).mkdir(exist_ok=True)
@@ -149,18 +162,11 @@ def main():
                     f.write(json.dumps(row) + "\n")
                 print(f"{method} step {step} {name}: {row['successes']}/{row['rollouts']} {row['per_task']}",
                       flush=True)
-        rows = [json.loads(x) for x in curve.open()]
-        at = {(r["step"], r["set"]): r for r in rows}
-        mid = sorted(s_ for s_, n in at if n == "trained")
-        trained = " -> ".join(f"{at[s_, 'trained']['successes']}/{at[s_, 'trained']['rollouts']}" for s_ in mid)
-        held = " -> ".join(f"{r['successes']}/{r['rollouts']}" for (s_, n), r in sorted(at.items())
-                           if n == "held-out")
-        line = f"| {method} | {trained} | {held} | {(time.time() - t0) / 60:.0f} min |"
-        if method.startswith("hintsd") and (run / "rollouts.jsonl").exists():
-            line += " " + analyzer_record(run, {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}) + " |"
-        summary.append(line)
-        print(line, flush=True)
-    head = ["| method | trained: success at the evaluation steps | held-out: before -> after | wall time (this call) |"
+        with (out / method / "minutes.txt").open("a") as f:  # wall time of each call (a resumed run has several)
+            f.write(f"{(time.time() - t0) / 60:.1f}\n")
+        print(row_of(out, method), flush=True)
+    summary = [row_of(out, m) for m in METHODS if (out / m / "curve.jsonl").exists()]
+    head = ["| method | trained: success at the evaluation steps | held-out: before -> after | wall time (all calls) |"
             " analyzer |", "|---|---|---|---|---|"]
     (out / "summary.md").write_text("\n".join(head + summary) + "\n")
     print("\n".join(head + summary))

@@ -57,6 +57,9 @@ def test_embedded_model_plays_real_bfcl_episodes(embedded, rollouts, protocol):
     assert any(s.output for t in trajs for s in t.steps)  # the model really talks to the environment
     if protocol == "authors":  # its system prompt is the authors' <tools> block, nothing else
         assert trajs[0].messages[0]["content"].startswith("\n\n# Tools\n")
+    # the tools the chat template got travel with the trajectory (the analyzer's view lists them): friendly only
+    assert trajs[0].tools == (envs.make_env(task).tools if protocol == "friendly" else [])
+    assert (trajs[0].tools != []) == (protocol == "friendly")
 
 
 def test_embedded_model_one_hintsd_update_with_oracle_feedback(embedded, rollouts):

@@ -471,3 +471,23 @@ def test_point11_nan_and_infinite_step_numbers_are_dropped():
     text = '{"failures": [{"step": NaN, "feedback": "a"}, {"step": Infinity, "feedback": "b"}, ' \
            '{"step": 2, "feedback": "c"}]}'
     assert prompts.parse_strict(text, 3) == [(1, "c")] and prompts.parse_analysis(text, 3) == [(1, "c")]
+
+
+def test_the_analyzers_authors_view_lists_the_tools_the_policy_saw():
+    """Friendly protocol: the tools reach the policy through the chat template, not its system message, so the
+    authors' view lists them after the system prompt (an analyzer that never sees the tools cannot name the right
+    one). Authors' protocol: their system prompt holds the list, and the view is unchanged (no second listing)."""
+    task = bfcl_task("multi_turn_base_0")
+    friendly = envs.make_env(task, max_steps=2, protocol="friendly")
+    t = trajectory(friendly, ["ls()"], tools=friendly.tools)
+    view = prompts.render_episode(t)
+    head = view[view.index("Initial task prompt:"):view.index("Attempt trajectory:")]
+    assert "Tools:\n" in head and len(friendly.tools) > 5
+    assert all(json.dumps(x, ensure_ascii=False, separators=(",", ":")) in head for x in friendly.tools)
+    assert head.index("SYSTEM:") < head.index("Tools:") < head.index("USER:")
+    authors = envs.make_env(task, max_steps=2, protocol="authors")
+    ta = trajectory(authors, ["ls()"], tools=authors.tools)
+    assert authors.tools == [] and "Tools:\n" not in prompts.render_episode(ta)
+    # a trajectory file round-trips them (tests/test_e2e.py checks that a rollout records them)
+    model_free = hintsd.Trajectory.from_json(json.loads(json.dumps(t.to_json())))
+    assert model_free.tools == friendly.tools and prompts.render_episode(model_free) == view
