@@ -123,7 +123,7 @@ class Trajectory:
     reward: float = 0.0
     status: str = "running"  # "completed" | "max_steps" (step cap hit) | "overflow" (context limit hit)
     overflow: list[int] | None = None  # [prompt tokens, budget] of the prompt that was not sent, for the analyzer
-    tools: list[dict] = field(default_factory=list)  # schemas the chat template got (friendly protocol), ditto
+    tools: list[dict] = field(default_factory=list)  # schemas the chat template got (friendly), for the analyzer
 
     def to_json(self) -> dict:
         return {**self.__dict__, "steps": [s.__dict__ for s in self.steps]}
@@ -201,8 +201,8 @@ def rollout(model, tok, envs_: list, cfg: SamplingConfig, seeds: list[int], prog
 
 def start_episode(tok, env, cfg: SamplingConfig, seed: int, hint=None) -> Episode:
     msgs = env.reset()
-    ep = Episode(env, Trajectory(env.task["id"], env.task.get("category", ""), list(msgs), tools=env.tools), seed,
-                 hint)
+    traj = Trajectory(env.task["id"], env.task.get("category", ""), list(msgs), tools=env.tools)
+    ep = Episode(env, traj, seed, hint)
     ep.traj.messages += hint_for(ep)
     ep.pending, ep.header_len = prompts.prompt_ids(tok, ep.traj.messages, env.tools)
     if len(ep.pending) + cfg.max_new_tokens > cfg.max_len:

@@ -25,8 +25,9 @@ Every --eval-every steps, and at step 0, the trained tasks are evaluated (k roll
 rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. The step-0 evaluation
 is the same for every method (same weights, same seeds): it runs once, into OUT/step0.jsonl. An interrupted run
 resumes where it stopped (training from its checkpoints; evaluation points already in curve.jsonl are kept).
-OUT/summary.md holds the table, with what the analyzer did (failed rollouts analysed, targets, parse failures,
-targets dropped by replay, and how often a first target is the oracle's first wrong step).
+OUT/summary.md holds the table of every method run into OUT (wall time summed over calls), with what the analyzer
+did (failed rollouts analysed, targets, parse failures, targets dropped by replay, and how often a first target is
+the oracle's first wrong step).
 """
 import argparse
 import json
