@@ -407,9 +407,9 @@ def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
     cache.reserve(T)
     ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)
     new = torch.arange(T, device=dev) < torch.tensor([len(c) for c in chunks], device=dev)[:, None]
-    last, step = [None] * len(chunks), PREFILL_CHUNK if dev.type == "cuda" else min(PREFILL_CHUNK, CPU_PREFILL_CHUNK)
-    for c0 in range(0, T, step):
-        t = min(step, T - c0)
+    last, piece = [None] * len(chunks), PREFILL_CHUNK if dev.type == "cuda" else min(PREFILL_CHUNK, CPU_PREFILL_CHUNK)
+    for c0 in range(0, T, piece):
+        t = min(piece, T - c0)
         live = [b for b, c in enumerate(chunks) if len(c) > c0]  # rows with tokens in this piece (no padding rows)
         sel = None if len(live) == len(chunks) else torch.tensor(live, device=dev)
         ends = [len(chunks[b]) - 1 - c0 for b in live]  # each row's last token, as a column of this piece

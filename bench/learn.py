@@ -106,7 +106,7 @@ def analyzer_record(run: Path, by_id: dict) -> str:
             + (f", {dropped} dropped by replay" if any("dropped_by_replay" in r for r in rows) else ""))
 
 
-def row_of(out: Path, method: str) -> str:
+def row_of(out: Path, method: str, by_id: dict) -> str:
     """The summary's row of one method: its curve, held-out before -> after, wall time, and the analyzer's record."""
     at = {(r["step"], r["set"]): r for r in map(json.loads, (out / method / "curve.jsonl").open())}
     trained = " -> ".join(f"{at[s, n]['successes']}/{at[s, n]['rollouts']}" for s, n in sorted(at) if n == "trained")
@@ -116,7 +116,7 @@ def row_of(out: Path, method: str) -> str:
     line = f"| {method} | {trained} | {held} | {wall:.0f} min |"
     run = out / method / "run"
     if method.startswith("hintsd") and (run / "rollouts.jsonl").exists():
-        line += " " + analyzer_record(run, {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}) + " |"
+        line += " " + analyzer_record(run, by_id) + " |"
     return line
 
 
@@ -141,6 +141,7 @@ def main():
     out = hintsd.check_out_dir(ap, a.out)
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
     step0 = out / "step0.jsonl"  # the base model's evaluation: the same for every method (same weights, same seeds)
+    by_id, summary_rows = {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}, {}  # this call's rows
     for method in a.methods:
         run = out / method / "run"
         (out / method).mkdir(exist_ok=True)
@@ -165,8 +166,9 @@ def main():
                       flush=True)
         with (out / method / "minutes.txt").open("a") as f:  # wall time of each call (a resumed run has several)
             f.write(f"{(time.time() - t0) / 60:.1f}\n")
-        print(row_of(out, method), flush=True)
-    summary = [row_of(out, m) for m in METHODS if (out / m / "curve.jsonl").exists()]
+        summary_rows[method] = row_of(out, method, by_id)
+        print(summary_rows[method], flush=True)
+    summary = [summary_rows.get(m) or row_of(out, m, by_id) for m in METHODS if (out / m / "curve.jsonl").exists()]
     head = ["| method | trained: success at the evaluation steps | held-out: before -> after | wall time (all calls) |"
             " analyzer |", "|---|---|---|---|---|"]
     (out / "summary.md").write_text("\n".join(head + summary) + "\n")
