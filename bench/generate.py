@@ -12,7 +12,6 @@ bytes per second of a large tensor copy)); at batch B it is B times that, an upp
 one prefill of --prefill-len tokens (hintsd's prefill against one forward of the model), and how many rows the
 dtype's greedy output shares with the first dtype's (bf16 rounding flips near-tied argmaxes). --static adds
 model.generate with cache_implementation="static" (transformers compiles its decode step; the first call is slow).
---fp32-check: on a GPU, also run the model in float32 and count rows identical to model.generate.
 Default dtypes: float32 and bfloat16 on a CPU, bfloat16 on a GPU.
 """
 import argparse
@@ -118,7 +117,6 @@ def main():
     ap.add_argument("--prefill-len", type=hintsd.nonneg_int, default=2048, help="0: no prefill timing")
     ap.add_argument("--reps", type=hintsd.positive_int, default=3, help="alternate the sides this many times")
     ap.add_argument("--static", action="store_true", help="add model.generate with a static cache")
-    ap.add_argument("--fp32-check", action="store_true", help="GPU: greedy equality in float32 as well")
     a = ap.parse_args()
     hintsd.check_device(ap, a.device)
     hintsd.check_model_name(ap, a.model)
@@ -153,13 +151,6 @@ def main():
             print(f"{dtype} batch {b}: hintsd {best['hintsd']:.1f} tok/s, model.generate {best['generate']:.1f}"
                   + (f", static {best['static']:.1f}" if a.static else "") + f", identical rows {same}/{b}, "
                   f"rows equal to {dtypes[0]}'s {agree}/{b}", flush=True)
-        if a.fp32_check and model.device.type == "cuda":
-            model32, _ = hintsd.load_model(a.model, a.device, torch.float32)
-            prompts = make_prompts(tok, max(a.batches), a.prompt_len)
-            same = sum(x == y for x, y in zip(time_ours(model32, prompts, a.new)[1],
-                                              time_hf(model32, tok, prompts, a.new)[1]))
-            print(f"float32: identical rows {same}/{len(prompts)}")
-            del model32
         del model
     print("\n| dtype | batch | hintsd tok/s | generate tok/s | hintsd / generate |"
           + (" static tok/s | hintsd / static |" if a.static else "") + " hintsd / bound | rows = generate's |"
