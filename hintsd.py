@@ -246,7 +246,8 @@ def hint_for(ep: Episode) -> list[dict]:
 class KVCache:
     """Keys and values of every layer for B rows. k[l], v[l]: [B, kv_heads, capacity + 1, head_dim]; row b holds
     its tokens in columns 0 .. lengths[b] - 1; column `capacity` is scratch (padding writes there).
-    bound[b] >= lengths[b] is known on the host without a device sync; it sizes the calls."""
+    bound[b] >= lengths[b] is known on the host without a device sync; it sizes the calls. owed[b]: ids sampled
+    but not yet written (decoding skips its last forward, whose logits nobody reads); the next prefill writes them."""
     serial = 0
 
     def __init__(self, model, rows: int, capacity: int):
@@ -257,7 +258,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=w.device)
-        self.bound = [0] * rows
+        self.bound, self.owed = [0] * rows, [[] for _ in range(rows)]
         KVCache.serial += 1
         self.id = KVCache.serial  # changes whenever the buffers move: captured CUDA graphs are then stale
 
@@ -283,6 +284,7 @@ class KVCache:
         idx = torch.tensor(rows, device=self.lengths.device)
         self.k, self.v = [x.index_select(0, idx) for x in self.k], [x.index_select(0, idx) for x in self.v]
         self.lengths, self.bound = self.lengths[idx], [self.bound[r] for r in rows]
+        self.owed = [self.owed[r] for r in rows]
         KVCache.serial += 1
         self.id = KVCache.serial
 
@@ -402,7 +404,9 @@ def start(model, prompts_: list[list[int]], room: int) -> tuple[KVCache, torch.T
 
 @torch.no_grad()
 def prefill(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
-    """Append chunks[b] to row b. Returns the logits after each row's last token [B, V] (junk for an empty chunk)."""
+    """Append chunks[b] to row b (after the ids the cache owes it). Returns the logits after each row's last token
+    [B, V] (junk for an empty chunk)."""
+    chunks, cache.owed = [o + c for o, c in zip(cache.owed, chunks)], [[] for _ in chunks]
     T, dev = max(map(len, chunks)), cache.lengths.device
     cache.reserve(T)
     ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)
@@ -433,9 +437,11 @@ def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int
            temperature: float = 0.0, top_p: float = 1.0, stop_ids=(), active: torch.Tensor | None = None,
            cuda_graphs: bool = True, progress=None) -> list[Completion]:
     """Sample continuations of the cache's rows until each samples a stop id; the cache ends up holding prompt +
-    completion. The host checks for stops every 16 tokens on CUDA, every token on CPU.
+    completion, but the tokens sampled at the last step, which it owes (cache.owed: no forward is run for them, as
+    model.generate runs none). The host checks for stops every 16 tokens on CUDA, every token on CPU.
     seeds[b]: the sampling seed of row b; active [B]: rows that sample (others are left alone)."""
     B, dev = logits.shape[0], logits.device
+    assert not any(cache.owed), "decode_n_tokens: prefill what the cache owes first"
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
     active = torch.ones(B, dtype=torch.bool, device=dev) if active is None else active.clone()
     toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
@@ -450,17 +456,19 @@ def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int
         toks[:, i], logps[:, i] = tok, lp
         n += active
         done = active & torch.isin(tok, stops)
+        if progress is not None and (i + 1) % check == 0:
+            total = int(n.sum())
+            progress.update(total - reported)
+            reported = total
+        if i == max_new_tokens - 1 or ((i + 1) % check == 0 and not (active & ~done).any()):  # over: no forward
+            cache.owed = [[t] if a else [] for t, a in zip(tok.tolist(), active.tolist())]
+            break
         logits = step(model, cache, tok, active, cache.width(1))  # the sampled token goes into the cache as well
         cache.bound = [b + 1 for b in cache.bound]
         active = active & ~done
-        if (i + 1) % check == 0 or i == max_new_tokens - 1:
-            if progress is not None:
-                total = int(n.sum())
-                progress.update(total - reported)
-                reported = total
-            if not active.any():
-                break
     counts, toks, logps = n.tolist(), toks.tolist(), logps.tolist()
+    if progress is not None:
+        progress.update(sum(counts) - reported)
     cache.bound = cache.lengths.tolist()
     stop_set = set(stop_ids)
     return [Completion(toks[b][:c], logps[b][:c], "eos" if c and toks[b][c - 1] in stop_set else "length")
