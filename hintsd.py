@@ -437,7 +437,7 @@ def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int
            temperature: float = 0.0, top_p: float = 1.0, stop_ids=(), active: torch.Tensor | None = None,
            cuda_graphs: bool = True, progress=None) -> list[Completion]:
     """Sample continuations of the cache's rows until each samples a stop id; the cache ends up holding prompt +
-    completion, but the tokens sampled at the last step, which it owes (cache.owed: no forward is run for them, as
+    completion except the tokens sampled at the last step, which it owes (cache.owed: no forward is run for them, as
     model.generate runs none). The host checks for stops every 16 tokens on CUDA, every token on CPU.
     seeds[b]: the sampling seed of row b; active [B]: rows that sample (others are left alone)."""
     B, dev = logits.shape[0], logits.device

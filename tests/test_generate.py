@@ -108,8 +108,8 @@ def test_inactive_rows_write_nothing(tiny):
     hintsd.use_kv_attention(tiny)
     cache, logits = hintsd.start(tiny, [[1, 2, 3], [4, 5]], 8)
     before = [k.clone() for k in cache.k]
-    hintsd.decode_n_tokens(tiny, cache, logits, [0, 0], 4, active=torch.tensor([True, False]))
-    assert cache.lengths.tolist() == [3 + 3, 2] and cache.owed == [[cache.owed[0][0]], []]  # the 4th token is owed
+    out = hintsd.decode_n_tokens(tiny, cache, logits, [0, 0], 4, active=torch.tensor([True, False]))
+    assert cache.lengths.tolist() == [3 + 3, 2] and cache.owed == [[out[0].tokens[3]], []]  # the 4th token is owed
     for k, b in zip(cache.k, before):
         assert torch.equal(k[1, :, :cache.capacity], b[1, :, :cache.capacity])  # row 1 untouched (scratch aside)
 
