@@ -455,17 +455,17 @@ def decode_n_tokens(model, cache: KVCache, logits: torch.Tensor, seeds: list[int
         tok, lp = sample(logits, temperature, top_p, u)
         toks[:, i], logps[:, i] = tok, lp
         n += active
-        done = active & torch.isin(tok, stops)
+        going = active & ~torch.isin(tok, stops)  # rows that sample again (a row that sampled a stop id is over)
         if progress is not None and (i + 1) % check == 0:
             total = int(n.sum())
             progress.update(total - reported)
             reported = total
-        if i == max_new_tokens - 1 or ((i + 1) % check == 0 and not (active & ~done).any()):  # over: no forward
+        if i == max_new_tokens - 1 or ((i + 1) % check == 0 and not going.any()):  # over: no forward
             cache.owed = [[t] if a else [] for t, a in zip(tok.tolist(), active.tolist())]
             break
         logits = step(model, cache, tok, active, cache.width(1))  # the sampled token goes into the cache as well
         cache.bound = [b + 1 for b in cache.bound]
-        active = active & ~done
+        active = going
     counts, toks, logps = n.tolist(), toks.tolist(), logps.tolist()
     if progress is not None:
         progress.update(sum(counts) - reported)
