@@ -21,6 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def side_arg(text: str) -> str:
+    """A --sides value: CODE:DTYPE, CODE old or new, DTYPE float32 or bfloat16."""
+    code, _, dtype = text.partition(":")
+    if code not in ("old", "new") or dtype not in ("float32", "bfloat16"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CODE:DTYPE, CODE old or new, DTYPE float32 or bfloat16")
+    return text
+
+
 def child(a):
     """One side: import hintsd from a.code, answer the chats in a.chats, print a JSON line."""
     sys.path.insert(0, a.code)
@@ -37,7 +45,7 @@ def child(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=False, help="a checkout of the older code (for the old:* sides)")
-    ap.add_argument("--sides", nargs="+", default=["old:float32", "new:float32", "new:bfloat16"],
+    ap.add_argument("--sides", nargs="+", type=side_arg, default=["old:float32", "new:float32", "new:bfloat16"],
                     help="CODE:DTYPE, CODE old or new, DTYPE float32 or bfloat16")
     ap.add_argument("--limit", type=int, default=16, help="the first N failed rollouts of the bench file")
     ap.add_argument("--temperature", type=float, default=0.6,
@@ -50,6 +58,8 @@ def main():
     a = ap.parse_args()
     if a.child:
         return child(a)
+    if a.limit < 1:  # (hintsd.positive_int is not imported here: a child imports the other checkout's hintsd)
+        ap.error(f"--limit {a.limit}: expected a positive count of rollouts")
     if any(s.startswith("old:") for s in a.sides) and not a.old:
         ap.error("an old:* side needs --old DIR")
     sys.path.insert(0, str(ROOT))
