@@ -9,6 +9,9 @@ inline code spans. A command is `python|python3|.venv/bin/python PROG.py ...`, `
   - PROG must be a file of the repo, and every `--flag` (up to an `=`) must appear in `PROG --help`; after a lone
     `--` (bench/efficiency.py, bench/learn.py pass the rest on to hintsd.py) flags are checked against hintsd.py;
   - every make target must be a target of the Makefile; a bash script must exist.
+"A file of the repo" means tracked by git (`git ls-files`), so an ignored local copy cannot pass here and fail in CI.
+Programs under `.gpu/` are skipped: that folder is the GPU machine's copy of ../shared/gpu (bench/README.md), never
+part of a clone.
 An inline code span that starts with a flag (`--topk exact`) must name flags some documented program has.
 Each program's --help is read once, all in this one process (torch is imported once). Prints one line per problem
 (FILE:LINE: command: what is wrong) and exits 1 if there is any, else prints a one-line summary and exits 0.
@@ -18,6 +21,7 @@ import contextlib
 import io
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,6 +128,15 @@ def help_flags(prog: str):
     return _HELP[prog]
 
 
+def repo_files() -> set | None:
+    """Paths git tracks (relative to ROOT), or None outside a git checkout (then any file on disk counts)."""
+    try:
+        r = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return set(r.stdout.split("\0")) - {""}
+
+
 def makefile_targets() -> set:
     text = (ROOT / "Makefile").read_text()
     targets = set()
@@ -134,7 +147,11 @@ def makefile_targets() -> set:
 
 def check(files: list[str], show: bool = False) -> list[str]:
     problems, bare = [], []
-    targets = makefile_targets()
+    targets, tracked = makefile_targets(), repo_files()
+
+    def in_repo(path: str) -> bool:
+        return path in tracked if tracked is not None else (ROOT / path).is_file()
+
     for name in files:
         for line, cmd in commands((ROOT / name).read_text()):
             for kind, what, flags in parse(cmd):
@@ -143,13 +160,15 @@ def check(files: list[str], show: bool = False) -> list[str]:
                 where = f"{name}:{line}: `{cmd if len(cmd) < 90 else cmd[:87] + '...'}`"
                 if kind == "make":
                     problems += [f"{where}: no make target {t!r} in the Makefile" for t in what if t not in targets]
+                elif kind in ("sh", "py") and what.startswith(".gpu/"):
+                    continue
                 elif kind == "sh":
-                    if not (ROOT / what).is_file():
+                    if not in_repo(what):
                         problems.append(f"{where}: {what} is not a file of the repo")
                 elif kind == "flags":
                     bare.append((where, [f for _, f in flags]))
                 else:
-                    if not (ROOT / what).is_file():
+                    if not in_repo(what):
                         problems.append(f"{where}: {what} is not a file of the repo")
                         continue
                     for owner, flag in flags:

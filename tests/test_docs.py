@@ -33,6 +33,15 @@ def test_docs_check_reports_each_problem(tmp_path, monkeypatch):
     assert "--stepz is not a flag of hintsd.py" in problems[4] and len(problems) == 5
 
 
+def test_docs_check_counts_only_tracked_files(tmp_path, monkeypatch):
+    # a program present on disk but not tracked by git fails here as it would in a clean clone; .gpu/ is skipped
+    assert "bench/step.py" in docs_check.repo_files() and (ROOT / "bench/step.py").is_file()
+    monkeypatch.setattr(docs_check, "repo_files", lambda: {"Makefile"})
+    doc = tmp_path / "doc.md"
+    doc.write_text("```bash\npython bench/step.py\npython3 .gpu/hf_static.py .gpu/qwen3-4b static 8\n```\n")
+    assert docs_check.check([str(doc)]) == [f"{doc}:2: `python bench/step.py`: bench/step.py is not a file of the repo"]
+
+
 def test_docs_check_parses_commands():
     assert docs_check.parse("python bench/learn.py --steps 2 -- --lr 1e-4") == [
         ("py", "bench/learn.py", [("bench/learn.py", "--steps"), ("hintsd.py", "--lr")])]
