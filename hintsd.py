@@ -296,15 +296,18 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     """The model's attention once use_kv_attention(model) ran, with the layer's sliding window and softcap (kwargs).
     Generating, kv = (cache, slot, pos, mask): the T new keys and values go into the cache at slot [B, T], then each
     query attends where mask [B, T, width] is true (pos [B, T]: token positions). Otherwise plain attention under
-    attention_mask; packed_logits passes pack = (pos [T], masks cache) for the window.
+    attention_mask; packed_logits passes pack = (pos [T], {window: tree_blocks}), filled by the first layer.
     query [B, H, T, D]; key, value [B, kv_heads, T, D]. Returns ([B, T, H, D], None)."""
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if kv is None and pack is not None:  # a packed forward: its tree mask, within the window of this layer
+        pos, blocks = pack
+        if window not in blocks:  # once per forward and window; every layer (and its recomputation) reuses it
+            mask = attention_mask if not window else attention_mask & (pos[:, None] - pos[None, :] < window)
+            blocks[window] = tree_blocks(mask[0, 0], PACK_QUERY_CHUNK.get(query.device.type))
+        out = [attend(module, query[:, :, rows], key[:, :, cols], value[:, :, cols], m, scaling, dropout, softcap)
+               for rows, cols, m in blocks[window]]
+        return torch.cat(out, 1), None
     if kv is None:
-        if pack is not None and window:  # a packed forward's block mask, within the window of this layer
-            pos, masks = pack
-            if window not in masks:
-                masks[window] = attention_mask & (pos[:, None] - pos[None, :] < window)
-            attention_mask = masks[window]
         return attend(module, query, key, value, attention_mask, scaling, dropout, softcap), None
     cache, slot, pos, mask, sel = kv  # sel [B]: the cache rows of the B query rows (None: every row, in order)
     rows = torch.arange(query.shape[0], device=query.device) if sel is None else sel
@@ -325,6 +328,22 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
         scores = torch.tanh(scores / softcap) * softcap
     p = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1).to(V.dtype)  # mask: [B, 1, 1, width]
     return (p @ V).reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+
+PACK_QUERY_CHUNK = {"cpu": 512}  # queries per attention call in a packed forward (other devices: one call)
+
+def tree_blocks(mask: torch.Tensor, chunk: int | None) -> list[tuple[slice, torch.Tensor | slice, torch.Tensor]]:
+    """A packed forward's attention in pieces of `chunk` queries, each against only the keys one of its queries sees
+    (mask [T, T] bool): a piece skips the later tokens and the other branches of the prefix tree, which a masked
+    attention call would compute and throw away; a tree costs about half of T x T, as causal attention does.
+    [(query rows, key columns [S'], mask [1, 1, rows, S'])]; chunk None: one piece, every key."""
+    if chunk is None:
+        return [(slice(None), slice(None), mask[None, None])]
+    blocks = []
+    for a in range(0, mask.shape[0], chunk):
+        m = mask[a:a + chunk]
+        cols = m.any(0).nonzero()[:, 0]
+        blocks.append((slice(a, a + chunk), cols, m[:, cols][None, None]))
+    return blocks
 
 def attend(module, query, key, value, mask, scaling, dropout, softcap):
     """query [B, H, T, D] over key, value [B, kv_heads, S, D] where mask [B or 1, 1, T, S] (None: causal) is true:
@@ -1012,7 +1031,7 @@ class LoRALinear(torch.nn.Module):
         self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev))
 
     def forward(self, x):
-        return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T @ self.B.T * self.scale).to(x.dtype)
+        return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T * self.scale @ self.B.T).to(x.dtype)  # scale on [T, r]
 
 LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's

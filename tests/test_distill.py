@@ -57,6 +57,16 @@ def test_packing_merges_shared_prefixes_and_orders_depth_first():
     assert hintsd.pack_groups([[1] * 10, [1] * 10], 0) == [[0], [1]]
 
 
+def test_tree_blocks_skip_later_tokens_and_other_branches():
+    # pack([[1, 2, 3, 4], [1, 2, 5]]): ids 1 2 3 4 5; token 5 (index 4) sees 1, 2 and itself, not the branch 3 4
+    mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]).bool()
+    blocks = hintsd.tree_blocks(mask, 2)
+    assert [(r.start, c.tolist()) for r, c, _ in blocks] == [(0, [0, 1]), (2, [0, 1, 2, 3]), (4, [0, 1, 4])]
+    assert all(torch.equal(m[0, 0], mask[r][:, c]) for r, c, m in blocks)
+    [(rows, cols, m)] = hintsd.tree_blocks(mask, None)
+    assert torch.equal(m[0, 0], mask) and rows == cols == slice(None)
+
+
 def test_packed_logits_equal_separate_forwards(policy, trajs):
     model, tok = policy
     seqs = [t.tokens[:t.steps[-1].end] for t in trajs] + [trajs[0].tokens[:trajs[0].steps[0].end]]
@@ -71,9 +81,12 @@ def test_packed_logits_equal_separate_forwards(policy, trajs):
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, unpacked))
 
 
-def test_packed_gradient_equals_the_sum_of_separate_passes(tiny):
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_packed_gradient_equals_the_sum_of_separate_passes(tiny, chunk, monkeypatch):
     """Shared-prefix passes are exact: the gradient of a packed forward equals the sum of the gradients of the
-    sequences run one at a time (float64 model; Qwen2's RMSNorm computes in float32, hence float32 tolerance)."""
+    sequences run one at a time (float64 model; Qwen2's RMSNorm computes in float32, hence float32 tolerance), with
+    the packed attention in one call (a GPU's) or in pieces of 5 queries (tree_blocks)."""
+    monkeypatch.setitem(hintsd.PACK_QUERY_CHUNK, "cpu", chunk)
     model, params = lora_copy(tiny, 0.3)
     model.double()
     g = torch.Generator().manual_seed(1)

@@ -110,8 +110,9 @@ def sequences():
     return seqs, [list(range(8, len(s) - 1)) for s in seqs]
 
 
-def test_c_packed_forward_equals_separate_forwards(family):
+def test_c_packed_forward_equals_separate_forwards(family, monkeypatch):
     name, model, _, _ = family
+    monkeypatch.setitem(hintsd.PACK_QUERY_CHUNK, "cpu", 7)  # attention in pieces of 7 queries (tree_blocks)
     seqs, rows = sequences()
     with torch.no_grad():
         got = hintsd.packed_logits(model, seqs, rows, 1 << 20)
@@ -122,8 +123,9 @@ def test_c_packed_forward_equals_separate_forwards(family):
 
 
 @pytest.mark.parametrize("ckpt", ["off", "on"])
-def test_c_packed_lora_gradient_equals_separate_passes(family, ckpt):
+def test_c_packed_lora_gradient_equals_separate_passes(family, ckpt, monkeypatch):
     name, base, _, _ = family
+    monkeypatch.setitem(hintsd.PACK_QUERY_CHUNK, "cpu", 7)
     model = __import__("copy").deepcopy(base)
     params = hintsd.trainable_params(model, 4, 8, 0.0, list(hintsd.LORA_ALL))
     with torch.no_grad():
