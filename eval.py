@@ -248,7 +248,8 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(runs)}
+    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else list(plt.cm.tab20.colors)  # a colour per run
+    colors = {r["name"]: palette[i % len(palette)] for i, r in enumerate(runs)}
     paths = []
 
     # success rate: trained / held-out panels from curve.jsonl, else the training success rate from metrics.jsonl
