@@ -1030,8 +1030,8 @@ class LoRALinear(torch.nn.Module):
         self.A = torch.nn.Parameter(torch.empty(r, base.in_features, device=dev).uniform_(-bound, bound))
         self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev))
 
-    def forward(self, x):
-        return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T * self.scale @ self.B.T).to(x.dtype)  # scale on [T, r]
+    def forward(self, x):  # the scale multiplies the [T, r] product, not the [T, out] one
+        return self.base(x) + (self.drop(x.to(self.A.dtype)) @ self.A.T * self.scale @ self.B.T).to(x.dtype)
 
 LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's
