@@ -160,17 +160,13 @@ def check(files: list[str], show: bool = False) -> list[str]:
                 where = f"{name}:{line}: `{cmd if len(cmd) < 90 else cmd[:87] + '...'}`"
                 if kind == "make":
                     problems += [f"{where}: no make target {t!r} in the Makefile" for t in what if t not in targets]
-                elif kind in ("sh", "py") and what.startswith(".gpu/"):
-                    continue
-                elif kind == "sh":
-                    if not in_repo(what):
-                        problems.append(f"{where}: {what} is not a file of the repo")
                 elif kind == "flags":
                     bare.append((where, [f for _, f in flags]))
-                else:
-                    if not in_repo(what):
-                        problems.append(f"{where}: {what} is not a file of the repo")
-                        continue
+                elif what.startswith(".gpu/"):  # a program or script of the GPU folder: not in a clone
+                    continue
+                elif not in_repo(what):
+                    problems.append(f"{where}: {what} is not a file of the repo")
+                elif kind == "py":
                     for owner, flag in flags:
                         known = help_flags(owner)
                         if isinstance(known, str):
@@ -179,7 +175,8 @@ def check(files: list[str], show: bool = False) -> list[str]:
                             problems.append(f"{where}: {flag} is not a flag of {owner}")
     if not bare:
         return problems
-    programs = ["hintsd.py", "eval.py", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py"))]
+    scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py"))
+    programs = [p for p in ["hintsd.py", "eval.py", *scripts] if in_repo(p)]  # untracked: absent in a clean clone
     every = set().union(*(f for f in map(help_flags, programs) if isinstance(f, set)))
     for where, flags in bare:
         problems += [f"{where}: {f} is not a flag of any documented program" for f in flags if f not in every]
