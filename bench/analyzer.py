@@ -3,6 +3,7 @@
     python bench/analyzer.py --no-verify          # every setting on bench/analyzer_rollouts.jsonl (~50 min, 2 cores)
     python bench/analyzer.py                      # the same, each target also replay-verified (2-3 hours)
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
+    python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
 
 The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with
 the cpu preset's rollout settings (friendly protocol, 4 rollouts a task at temperature 0.6, 3 env steps, 64 new
@@ -19,19 +20,27 @@ Settings (rows): compact = the cpu preset's analyzer (compact prompt, greedy, 12
 authors = the paper's (the authors' view with the tool schemas, temperature 0.6, top-p 0.95, 512 tokens, strict
 parser); +forced = --analyzer-forced; +verify = the same answers with --verify-targets applied (its scores are over
 the targets replay kept).
+--tool-choice asks whether a constraint on the feedback's function name could help: after the authors' view and
+'{"failures": [{"step": <the oracle's step>, "feedback": "The agent should call the tool "', each tool of the
+rollout's list is scored by its log-probability (name and closing quote), and the best one is compared with the
+oracle's function; "calibrated" subtracts each name's score in the same view with the user's request blanked (a
+content-free prior against the model's preference for some names whatever the request, Zhao et al. 2021).
 """
 import argparse
 import json
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 import hintsd  # noqa: E402
+import prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLLOUTS = ROOT / "bench" / "analyzer_rollouts.jsonl"
@@ -79,6 +88,39 @@ def oracle_of(task, t) -> tuple[int | None, str | None]:
     return step - 1, name[1] if name else None
 
 
+@torch.no_grad()
+def tool_scores(model, tok, t, step: int) -> dict[str, float]:
+    """Each tool name's log-probability as the analyzer's feedback for 0-based step `step` (one packed forward:
+    the view is computed once, the names branch off it)."""
+    head = '{"failures": [{"step": %d, "feedback": "The agent should call the tool "' % (step + 1)
+    ids = prompts.prompt_ids(tok, prompts.analyzer_messages(t, "bfcl", "multi", "authors"), None)[0]
+    ids += prompts.encode(tok, head)
+    names = [x.get("function", x)["name"] for x in t.tools]
+    tails = [prompts.encode(tok, n + '"') for n in names]
+    rows = [list(range(len(ids) - 1, len(ids) + len(c) - 1)) for c in tails]  # row i predicts token i + 1
+    logits = hintsd.packed_logits(model, [ids + c for c in tails], rows, 1 << 20)  # one pack
+    return {n: lg.log_softmax(-1).gather(1, torch.tensor(c)[:, None]).sum().item()
+            for n, c, lg in zip(names, tails, logits)}
+
+
+def tool_choice(model, tok, trajs, oracle) -> None:
+    """The --tool-choice probe: how often the best-scored tool name is the oracle's function, raw and calibrated."""
+    raw = cal = n = 0
+    for i, t in enumerate(tqdm(trajs, "tool choice")):
+        step, fn = oracle[i]
+        if step is None or fn is None:
+            continue
+        user = next(m for m in t.messages if m["role"] == "user")
+        blank = replace(t, messages=[{**m, "content": "N/A"} if m is user else m for m in t.messages])
+        s, s0 = tool_scores(model, tok, t, step), tool_scores(model, tok, blank, step)
+        best, best_cal = max(s, key=s.get), max(s, key=lambda k: s[k] - s0[k])
+        n, raw, cal = n + 1, raw + (best == fn), cal + (best_cal == fn)
+        print(f"  {t.task_id}: oracle {fn}; raw {best}; calibrated {best_cal}; its own step called "
+              f"{'the oracle function' if fn in t.steps[step].text else 'another'}", flush=True)
+    print(f"tool choice over {n} rollouts: the right function raw {raw} ({100 * raw / n:.0f}%), calibrated {cal} "
+          f"({100 * cal / n:.0f}%)")
+
+
 def score(trajs, answers_targets: list[list], oracle: list, executable: list[bool] | None) -> dict:
     """The four shares (percent) over the rollouts; answers_targets[i]: the targets (Target) of rollout i."""
     n = len(trajs)
@@ -103,6 +145,8 @@ def main():
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tool-choice", action="store_true",
+                    help="only the tool-choice probe: the best-scored name of the tool list against the oracle's")
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="also replay-verify every target (the executable column and the +verify rows; slow)")
     a = ap.parse_args()
@@ -115,6 +159,8 @@ def main():
     print(f"{len(trajs)} failed rollouts of {len({t.task_id for t in trajs})} tasks; the oracle names a step in "
           f"{sum(s is not None for s, _ in oracle)} and a function in {sum(f is not None for _, f in oracle)}; "
           f"dtype {next(model.parameters()).dtype}", flush=True)
+    if a.tool_choice:
+        return tool_choice(model, tok, trajs, oracle)
     rows = []
     for name in a.settings:
         style, temp, top_p, tokens, parser, forced = SETTINGS[name]

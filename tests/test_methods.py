@@ -343,3 +343,21 @@ def test_verify_targets_keeps_what_replays_cleanly_and_counts_the_rest(policy, t
         why = envs.correction_problem(tasks_by_id[t.task_id], [x.text for x in t.steps[:tg.step]], text, s.text,
                                       "json", 4, "friendly")
         assert (tg in kept) == (why is None)
+
+
+def test_tool_choice_scores_each_name_as_a_plain_forward_would(policy, trajs):
+    """bench/analyzer.py --tool-choice: each tool name's log-probability after the analyzer's view, from one packed
+    forward, equals the sum over its tokens from a separate forward of the view followed by that name."""
+    from bench import analyzer
+    model, tok = policy
+    t = trajs[0]
+    got = analyzer.tool_scores(model, tok, t, 0)
+    assert list(got) == [x["function"]["name"] for x in t.tools] and len(got) > 3
+    head = '{"failures": [{"step": 1, "feedback": "The agent should call the tool "'
+    view = prompts.prompt_ids(tok, prompts.analyzer_messages(t, "bfcl", "multi", "authors"), None)[0]
+    view += prompts.encode(tok, head)
+    for name in list(got)[:3]:
+        tail = prompts.encode(tok, name + '"')
+        with torch.no_grad():
+            lp = model(torch.tensor([view + tail])).logits[0, len(view) - 1:-1].float().log_softmax(-1)
+        assert got[name] == pytest.approx(lp.gather(1, torch.tensor(tail)[:, None]).sum().item(), abs=1e-3)
