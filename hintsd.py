@@ -299,16 +299,16 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     attention_mask; packed_logits passes pack = (pos [T], {window: tree_blocks}), filled by the first layer.
     query [B, H, T, D]; key, value [B, kv_heads, T, D]. Returns ([B, T, H, D], None)."""
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    if kv is None and pack is not None:  # a packed forward: its tree mask, within the window of this layer
-        pos, blocks = pack
+    if kv is None:  # no cache: a plain forward, or a packed one
+        if pack is None:
+            return attend(module, query, key, value, attention_mask, scaling, dropout, softcap), None
+        pos, blocks = pack  # packed: its tree mask, within the window of this layer
         if window not in blocks:  # once per forward and window; every layer (and its recomputation) reuses it
             mask = attention_mask if not window else attention_mask & (pos[:, None] - pos[None, :] < window)
             blocks[window] = tree_blocks(mask[0, 0], PACK_QUERY_CHUNK.get(query.device.type))
         out = [attend(module, query[:, :, rows], key[:, :, cols], value[:, :, cols], m, scaling, dropout, softcap)
                for rows, cols, m in blocks[window]]
         return torch.cat(out, 1), None
-    if kv is None:
-        return attend(module, query, key, value, attention_mask, scaling, dropout, softcap), None
     cache, slot, pos, mask, sel = kv  # sel [B]: the cache rows of the B query rows (None: every row, in order)
     rows = torch.arange(query.shape[0], device=query.device) if sel is None else sel
     width = mask.shape[-1]
