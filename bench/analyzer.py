@@ -24,7 +24,9 @@ the targets replay kept).
 '{"failures": [{"step": <the oracle's step>, "feedback": "The agent should call the tool "', each tool of the
 rollout's list is scored by its log-probability (name and closing quote), and the best one is compared with the
 oracle's function; "calibrated" subtracts each name's score in the same view with the user's request blanked (a
-content-free prior against the model's preference for some names whatever the request, Zhao et al. 2021).
+content-free prior against the model's preference for some names whatever the request, Zhao et al. 2021);
+"policy" scores the names in the policy's own context at that step, after '{"name": "' (what the policy would call
+if its call were restricted to the real tools).
 """
 import argparse
 import json
@@ -89,13 +91,9 @@ def oracle_of(task, t) -> tuple[int | None, str | None]:
 
 
 @torch.no_grad()
-def tool_scores(model, tok, t, step: int) -> dict[str, float]:
-    """Each tool name's log-probability as the analyzer's feedback for 0-based step `step` (one packed forward:
-    the view is computed once, the names branch off it)."""
-    head = '{"failures": [{"step": %d, "feedback": "The agent should call the tool "' % (step + 1)
-    ids = prompts.prompt_ids(tok, prompts.analyzer_messages(t, "bfcl", "multi", "authors"), None)[0]
-    ids += prompts.encode(tok, head)
-    names = [x.get("function", x)["name"] for x in t.tools]
+def tool_scores(model, tok, ids: list[int], names: list[str]) -> dict[str, float]:
+    """Each name's log-probability (name and closing quote) as the continuation of ids, from one packed forward:
+    ids are computed once, the names branch off them."""
     tails = [prompts.encode(tok, n + '"') for n in names]
     rows = [list(range(len(ids) - 1, len(ids) + len(c) - 1)) for c in tails]  # row i predicts token i + 1
     logits = hintsd.packed_logits(model, [ids + c for c in tails], rows, 1 << 20)  # one pack
@@ -103,22 +101,37 @@ def tool_scores(model, tok, t, step: int) -> dict[str, float]:
             for n, c, lg in zip(names, tails, logits)}
 
 
+def analyzer_view(tok, t, step: int) -> list[int]:
+    """The authors' view of rollout t, then an answer that names 0-based step `step` and begins its feedback."""
+    head = '{"failures": [{"step": %d, "feedback": "The agent should call the tool "' % (step + 1)
+    return prompts.prompt_ids(tok, prompts.analyzer_messages(t, "bfcl", "multi", "authors"), None)[0] + \
+        prompts.encode(tok, head)
+
+
 def tool_choice(model, tok, trajs, oracle) -> None:
-    """The --tool-choice probe: how often the best-scored tool name is the oracle's function, raw and calibrated."""
-    raw = cal = n = 0
-    for i, t in enumerate(tqdm(trajs, "tool choice")):
+    """The --tool-choice probe: how often the best-scored tool name is the oracle's function, in the analyzer's view
+    (raw, and calibrated by the view with the request blanked) and in the policy's own context at that step."""
+    picks = {"analyzer": 0, "calibrated": 0, "policy": 0}
+    n = own = fixed = 0  # own: the rollout had called the oracle's function there; fixed: the policy's pick was
+    for i, t in enumerate(tqdm(trajs, "tool choice")):  # right where the rollout's call was not
         step, fn = oracle[i]
         if step is None or fn is None:
             continue
+        names = [x.get("function", x)["name"] for x in t.tools]
         user = next(m for m in t.messages if m["role"] == "user")
         blank = replace(t, messages=[{**m, "content": "N/A"} if m is user else m for m in t.messages])
-        s, s0 = tool_scores(model, tok, t, step), tool_scores(model, tok, blank, step)
-        best, best_cal = max(s, key=s.get), max(s, key=lambda k: s[k] - s0[k])
-        n, raw, cal = n + 1, raw + (best == fn), cal + (best_cal == fn)
-        print(f"  {t.task_id}: oracle {fn}; raw {best}; calibrated {best_cal}; its own step called "
-              f"{'the oracle function' if fn in t.steps[step].text else 'another'}", flush=True)
-    print(f"tool choice over {n} rollouts: the right function raw {raw} ({100 * raw / n:.0f}%), calibrated {cal} "
-          f"({100 * cal / n:.0f}%)")
+        s, s0 = (tool_scores(model, tok, analyzer_view(tok, x, step), names) for x in (t, blank))
+        act = tool_scores(model, tok, t.tokens[:t.steps[step].start] + prompts.encode(tok, '{"name": "'), names)
+        best = {"analyzer": max(s, key=s.get), "calibrated": max(s, key=lambda k: s[k] - s0[k]),
+                "policy": max(act, key=act.get)}
+        called = fn in t.steps[step].text
+        n, own, fixed = n + 1, own + called, fixed + (not called and best["policy"] == fn)
+        picks = {k: v + (best[k] == fn) for k, v in picks.items()}
+        print(f"  {t.task_id}: oracle {fn}; " + "; ".join(f"{k} {v}" for k, v in best.items()) +
+              f"; the rollout called {'it' if called else 'another'}", flush=True)
+    print(f"tool choice over {n} rollouts, the oracle's function picked: " +
+          ", ".join(f"{k} {v} ({100 * v / n:.0f}%)" for k, v in picks.items()) +
+          f"; {n - own} rollouts had called another function there, and the policy's pick was right in {fixed}")
 
 
 def score(trajs, answers_targets: list[list], oracle: list, executable: list[bool] | None) -> dict:

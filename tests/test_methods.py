@@ -351,12 +351,11 @@ def test_tool_choice_scores_each_name_as_a_plain_forward_would(policy, trajs):
     from bench import analyzer
     model, tok = policy
     t = trajs[0]
-    got = analyzer.tool_scores(model, tok, t, 0)
-    assert list(got) == [x["function"]["name"] for x in t.tools] and len(got) > 3
-    head = '{"failures": [{"step": 1, "feedback": "The agent should call the tool "'
-    view = prompts.prompt_ids(tok, prompts.analyzer_messages(t, "bfcl", "multi", "authors"), None)[0]
-    view += prompts.encode(tok, head)
-    for name in list(got)[:3]:
+    view, names = analyzer.analyzer_view(tok, t, 0), [x["function"]["name"] for x in t.tools]
+    assert len(names) > 3 and tok.decode(view).endswith('"feedback": "The agent should call the tool "')
+    got = analyzer.tool_scores(model, tok, view, names)
+    assert list(got) == names
+    for name in names[:3]:
         tail = prompts.encode(tok, name + '"')
         with torch.no_grad():
             lp = model(torch.tensor([view + tail])).logits[0, len(view) - 1:-1].float().log_softmax(-1)
