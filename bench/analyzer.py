@@ -112,8 +112,8 @@ def tool_choice(model, tok, trajs, oracle) -> None:
     """The --tool-choice probe: how often the best-scored tool name is the oracle's function, in the analyzer's view
     (raw, and calibrated by the view with the request blanked) and in the policy's own context at that step."""
     picks = {"analyzer": 0, "calibrated": 0, "policy": 0}
-    n = own = fixed = 0  # own: the rollout had called the oracle's function there; fixed: the policy's pick was
-    for i, t in enumerate(tqdm(trajs, "tool choice")):  # right where the rollout's call was not
+    n = own = fixed = 0  # own: the rollout called the oracle's function there; fixed: it did not, the policy's pick did
+    for i, t in enumerate(tqdm(trajs, "tool choice")):
         step, fn = oracle[i]
         if step is None or fn is None:
             continue
