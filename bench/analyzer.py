@@ -117,7 +117,7 @@ def tool_choice(model, tok, trajs, oracle) -> None:
         step, fn = oracle[i]
         if step is None or fn is None:
             continue
-        names = [x.get("function", x)["name"] for x in t.tools]
+        names = [x["function"]["name"] for x in t.tools]  # the chat template's schemas, as envs reads them
         user = next(m for m in t.messages if m["role"] == "user")
         blank = replace(t, messages=[{**m, "content": "N/A"} if m is user else m for m in t.messages])
         s, s0 = (tool_scores(model, tok, analyzer_view(tok, x, step), names) for x in (t, blank))
