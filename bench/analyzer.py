@@ -4,11 +4,13 @@
     python bench/analyzer.py                      # the same, each target also replay-verified (2-3 hours)
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
+    python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
 
 The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with
 the cpu preset's rollout settings (friendly protocol, 4 rollouts a task at temperature 0.6, 3 env steps, 64 new
 tokens) and saved as action texts; each run replays them into trajectories (the environment's real answers and
-token ids, no model call). The analyzer is the initial policy, which is what the EMA teacher is at step 0.
+token ids, no model call). The analyzer is the initial policy, which is what the EMA teacher is at step 0, or the
+--analyzer-model given (the paper's "larger model" source).
 Each answer is scored against the BFCL oracle (envs.oracle_feedback: the first step that leaves the ground truth,
 and the right call there):
   no target     the answer names no step (a parse failure, or every target dropped by replay)
@@ -108,9 +110,11 @@ def analyzer_view(tok, t, step: int) -> list[int]:
         prompts.encode(tok, head)
 
 
-def tool_choice(model, tok, trajs, oracle) -> None:
+def tool_choice(model, tok, trajs, oracle, external=None) -> None:
     """The --tool-choice probe: how often the best-scored tool name is the oracle's function, in the analyzer's view
-    (raw, and calibrated by the view with the request blanked) and in the policy's own context at that step."""
+    (raw, and calibrated by the view with the request blanked; external: (model, tok) of the analyzer when it is not
+    the policy) and in the policy's own context at that step."""
+    am, at = external or (model, tok)
     picks = {"analyzer": 0, "calibrated": 0, "policy": 0}
     n = own = fixed = 0  # own: the rollout called the oracle's function there; fixed: it did not, the policy's pick did
     for i, t in enumerate(tqdm(trajs, "tool choice")):
@@ -120,7 +124,7 @@ def tool_choice(model, tok, trajs, oracle) -> None:
         names = [x["function"]["name"] for x in t.tools]  # the chat template's schemas, as envs reads them
         user = next(m for m in t.messages if m["role"] == "user")
         blank = replace(t, messages=[{**m, "content": "N/A"} if m is user else m for m in t.messages])
-        s, s0 = (tool_scores(model, tok, analyzer_view(tok, x, step), names) for x in (t, blank))
+        s, s0 = (tool_scores(am, at, analyzer_view(at, x, step), names) for x in (t, blank))
         act = tool_scores(model, tok, t.tokens[:t.steps[step].start] + prompts.encode(tok, '{"name": "'), names)
         best = {"analyzer": max(s, key=s.get), "calibrated": max(s, key=lambda k: s[k] - s0[k]),
                 "policy": max(act, key=act.get)}
@@ -156,6 +160,8 @@ def main():
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--model", default=hintsd.DEFAULT_MODEL)
+    ap.add_argument("--analyzer-model", help="a larger analyzer (a local model dir or HF id; the paper's 'larger model' "
+                                             "source) in place of the initial policy; the rollouts stay the policy's")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tool-choice", action="store_true",
@@ -163,9 +169,11 @@ def main():
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="also replay-verify every target (the executable column and the +verify rows; slow)")
     a = ap.parse_args()
-    model, tok = hintsd.load_model(a.model, "cpu", None if a.dtype == "auto" else getattr(torch, a.dtype))
+    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    model, tok = hintsd.load_model(a.model, "cpu", dtype)
     if a.make:
         return make(a, model, tok)
+    external = hintsd.load_model(a.analyzer_model, "cpu", dtype) if a.analyzer_model else None
     tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}
     trajs = replayed(model, tok, tasks_by_id, a.rollouts)
     oracle = [oracle_of(tasks_by_id[t.task_id], t) for t in trajs]
@@ -173,14 +181,14 @@ def main():
           f"{sum(s is not None for s, _ in oracle)} and a function in {sum(f is not None for _, f in oracle)}; "
           f"dtype {next(model.parameters()).dtype}", flush=True)
     if a.tool_choice:
-        return tool_choice(model, tok, trajs, oracle)
+        return tool_choice(model, tok, trajs, oracle, external)
     rows = []
     for name in a.settings:
         style, temp, top_p, tokens, parser, forced = SETTINGS[name]
         cfg = hintsd.AnalyzerConfig("policy", style, parser, tokens, temp, top_p, forced=forced)
         t0 = time.perf_counter()
         h = hintsd.select_targets(model, tok, trajs, cfg, "multi", "bfcl", {}, tasks_by_id, "json", "friendly",
-                                  a.seed)
+                                  a.seed, external)
         seconds = time.perf_counter() - t0
         per = [[tg for tg in h.targets if tg.traj == i] for i in range(len(trajs))]
         firsts = [p[0] for p in per if p]

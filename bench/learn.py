@@ -18,6 +18,8 @@ The hindsight sources of Table 3 (HINT-SD Multi, only the source changes):
   hintsd-initial      the frozen initial policy as the analyzer (the paper's analyzer)
   hintsd-env          no analyzer: the raw environment output of the first failing steps
   hintsd-oracle       the BFCL ground-truth oracle (an upper bound, not self-hindsight)
+  hintsd-larger       a larger model as the analyzer (the paper's analyzer): Qwen2.5-Coder-1.5B-Instruct, built by
+                      bench/larger_analyzer.py on first use (no ground truth; but not self-hindsight)
   hintsd-best         the EMA teacher with the best setting of bench/analyzer.py (the paper's analyzer with its
                       answers forced to parse: --analyzer-forced) and corrections checked by replay (--verify-targets)
 and the controls: grpo (the terminal reward) and initial (no training: the base model, flat by definition).
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 import eval as ev  # noqa: E402
 import hintsd  # noqa: E402
+from bench import larger_analyzer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_ANALYZER = ["--analyzer-prompt", "authors", "--analyzer-parser", "strict", "--analyzer-temperature", "0.6",
@@ -50,6 +53,8 @@ METHODS = {"hintsd-ema": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANAL
            "hintsd-initial": ["--method", "hintsd", "--feedback", "initial", *PAPER_ANALYZER],
            "hintsd-env": ["--method", "hintsd", "--feedback", "env"],
            "hintsd-oracle": ["--method", "hintsd", "--feedback", "oracle"],
+           "hintsd-larger": ["--method", "hintsd", "--feedback", "external", *PAPER_ANALYZER, "--analyzer-model",
+                             str(larger_analyzer.DEST)],
            "hintsd-best": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANALYZER, "--analyzer-forced",
                            "--verify-targets"],
            "grpo": ["--method", "grpo"], "initial": None}
@@ -139,6 +144,8 @@ def main():
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     hintsd.check_model_name(ap, a.model)
     out = hintsd.check_out_dir(ap, a.out)
+    if "hintsd-larger" in a.methods:
+        larger_analyzer.build()
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
     step0 = out / "step0.jsonl"  # the base model's evaluation: the same for every method (same weights, same seeds)
     by_id, summary_rows = {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}, {}  # this call's rows
