@@ -2337,7 +2337,10 @@ def build_embedded_cache(cache_dir: Path) -> Path:
 
 def dequantize_embedded(dest: Path) -> None:
     """GGUF parts -> a float32 safetensors model dir at dest (the 491 MB GGUF is joined next to it)."""
-    gguf = join_embedded_gguf(dest.parent / EMBEDDED_GGUF)
+    save_dequantized(join_embedded_gguf(dest.parent / EMBEDDED_GGUF), dest)
+
+def save_dequantized(gguf: Path, dest: Path) -> None:
+    """A GGUF file -> a float32 safetensors model dir at dest (weights, tokenizer, chat template)."""
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained until the quantizer is detached

@@ -17,9 +17,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hintsd  # noqa: E402
 
@@ -50,13 +47,7 @@ def build(dest: Path = DEST) -> Path:
         if digest.hexdigest() != SHA256:
             raise SystemExit(f"larger analyzer: sha256 mismatch ({digest.hexdigest()} != {SHA256})")
         print("[larger_analyzer] dequantizing into float32 safetensors", file=sys.stderr)
-        tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained until the quantizer is detached
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(work / "model")
-        tok.save_pretrained(work / "model")
+        hintsd.save_dequantized(gguf, work / "model")
         os.replace(work / "model", dest)
     return dest
 
