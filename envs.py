@@ -190,6 +190,12 @@ def bfcl_tools(involved_classes, excluded=()):
             if t["function"]["name"] not in excluded]
 
 
+def bfcl_tool_names(task, protocol="friendly") -> list[str]:
+    """The names of the functions the task's environment runs, in the order they are listed to the policy."""
+    excluded = () if protocol == "authors" else task.get("excluded_function") or ()
+    return [t["function"]["name"] for t in bfcl_tools(task["involved_classes"], excluded)]
+
+
 @functools.lru_cache(maxsize=None)
 def _class_docs(cls):
     return tuple(_read_jsonl(BFCL_DATA / "multi_turn_func_doc" / MULTI_TURN_FUNC_DOC_FILE_MAPPING[cls]))

@@ -569,6 +569,7 @@ class AnalyzerConfig:
     max_len: int = 24576      # a local analyzer's prompt keeps its first max_len - tokens ids (the authors' bound)
     forced: bool = False      # beyond the paper: the answer's JSON opening and first step number are forced
     verify: bool = False      # beyond the paper: each correction is checked by replay before it is distilled
+    tool_pick: bool = False   # beyond the paper (with forced): the feedback opens with a tool picked from the list
 
 @dataclass
 class Hindsight:
@@ -630,8 +631,11 @@ def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, var
             m, t = external or (model, tok)
             with (shadows.get(cfg.source) if external is None else None) or nullcontext():
                 if cfg.forced:
+                    tools = [(prompts.analyzer_messages(prompts.blank_requests(trajs[i]), bench, variant, cfg.prompt),
+                              envs.bfcl_tool_names(tasks_by_id[trajs[i].task_id], protocol))
+                             for i in failed] if cfg.tool_pick else None
                     answers = forced_answers(m, t, chats, [len(trajs[i].steps) for i in failed], variant, cfg.tokens,
-                                             cfg.temperature, cfg.top_p, seed, cfg.max_len)
+                                             cfg.temperature, cfg.top_p, seed, cfg.max_len, tools)
                 else:
                     answers = generate_texts(m, t, chats, cfg.tokens, cfg.temperature, cfg.top_p, seed, "  analysis",
                                              cfg.max_len)
@@ -656,16 +660,21 @@ def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, tem
 
 @torch.no_grad()
 def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], variant: str, max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int, max_len: int | None = None) -> list[str]:
+                   temperature: float, top_p: float, seed: int, max_len: int | None = None,
+                   tools: list[tuple[list[dict], list[str]]] | None = None) -> list[str]:
     """Analyzer answers whose format cannot break: the JSON opening is given; the step number is sampled from the
     model restricted to 1..min(n, 99) of each rollout (digit tokens, up to two); '", "feedback": "' is given; the
-    model writes the rest freely."""
+    model writes the rest freely. tools[b]: (chat b with the user's request blanked, the rollout's tool names): the
+    feedback then opens with TOOL_HEAD and the tool pick_tool chooses (--analyzer-tool-pick)."""
     opening = '{"failure_step": ' if variant == "single" else '{"failures": [{"step": '
-    keep = max_len - max_new_tokens - 16 if max_len and max_len > max_new_tokens + 16 else None  # as generate_texts
-    ids = [prompts.prompt_ids(tok, c, None)[0][:keep] + prompts.encode(tok, opening) for c in chats]
+    head = prompts.encode(tok, TOOL_HEAD) if tools else []
+    names = [[prompts.encode(tok, n + '\\"') for n in ns] for _, ns in tools] if tools else []
+    extra = 16 + len(head) + max((len(c) for cs in names for c in cs), default=0)  # forced ids after the prompt
+    keep = max_len - max_new_tokens - extra if max_len and max_len > max_new_tokens + extra else None
+    prompt = [prompts.prompt_ids(tok, c, None)[0][:keep] + prompts.encode(tok, opening) for c in chats]
     digits = {i: t for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}  # Qwen: one digit each
     tail = prompts.encode(tok, ', "feedback": "')
-    cache, logits = start(model, ids, max_new_tokens + 8)
+    cache, logits = start(model, prompt, max_new_tokens + extra)
     dev, B = logits.device, len(chats)
     gens = [torch.Generator(device=dev).manual_seed(seed_of(seed, b, "step")) for b in range(B)]
 
@@ -684,12 +693,37 @@ def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], vari
     second = pick(logits, lambda b, d: more[b] and (d is None or int(number[b] + d) <= min(n_steps[b], 99)))
     ext = [m and t != tail[0] for t, m in zip(second, more)]
     number = [x + digits[t] if e else x for x, t, e in zip(number, second, ext)]
-    rest = [([t] if e else []) + tail if m else [f] + tail for f, t, m, e in zip(first, second, more, ext)]
+    step_ids = [[f] + ([t] if e else []) + tail + head for f, t, e in zip(first, second, ext)]  # after the opening
+    chosen = [[]] * B  # the tool name's ids (--analyzer-tool-pick), after TOOL_HEAD
+    if tools:
+        blank = [prompts.prompt_ids(tok, c, None)[0][:keep] + prompts.encode(tok, opening) for c, _ in tools]
+        chosen = [pick_tool(model, p + s, b + s, cs) for p, b, s, cs in tqdm(
+            zip(prompt, blank, step_ids, names), "  tool pick", B, leave=False)]
+    rest = [s[1 if m else 0:] + c for s, m, c in zip(step_ids, more, chosen)]  # a first digit that may go on is in
     outs = decode_n_tokens(model, cache, prefill(model, cache, rest), [seed_of(seed, b) for b in range(B)],
                            max_new_tokens, temperature, top_p, eos_ids(tok, model))
-    return [opening + x + ', "feedback": "' + tok.decode(o.tokens, skip_special_tokens=True)
-            for x, o in zip(number, outs)]
+    return [opening + x + ', "feedback": "' + tok.decode(head + c + o.tokens, skip_special_tokens=True)
+            for x, c, o in zip(number, chosen, outs)]
 
+TOOL_HEAD = 'The agent should call the tool \\"'  # a JSON-escaped quote: the answer stays one JSON string
+
+def pick_tool(model, view: list[int], blank: list[int], names: list[list[int]]) -> list[int]:
+    """--analyzer-tool-pick: the ids of the tool name (closing quote included) most likely after the analyzer's view
+    relative to the same view with the user's request blanked, a content-free prior (Zhao et al. 2021): without it
+    a model picks the tool the rollout already called, or the first one listed, whatever the request."""
+    logp = name_logprobs(model, [view, blank], names)
+    return names[int((logp[0] - logp[1]).argmax())]
+
+@torch.no_grad()
+def name_logprobs(model, views: list[list[int]], names: list[list[int]]) -> torch.Tensor:
+    """log p [len(views), len(names)] of each name's ids as the continuation of each view, from one packed forward:
+    what the views share (the analyzer's instructions, the tool schemas) is computed once, the names branch off."""
+    seqs = [v + c for v in views for c in names]
+    rows = [list(range(len(v) - 1, len(v) + len(c) - 1)) for v in views for c in names]  # row i predicts token i + 1
+    logits = packed_logits(model, seqs, rows, 1 << 30)
+    logp = [lg.log_softmax(-1).gather(1, torch.tensor(c, device=lg.device)[:, None]).sum()
+            for lg, c in zip(logits, names * len(views))]
+    return torch.stack(logp).view(len(views), len(names))
 
 def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], teacher, tasks_by_id: dict,
                    max_new_tokens: int, action_format: str, protocol: str, max_env_steps: int | None
@@ -1207,15 +1241,15 @@ PRESETS = {
                   lora_targets=["q_proj", "v_proj"], topk=100, loss_norm="task", max_new_tokens=1024,
                   temperature=0.6, analyzer_temperature=0.6, analyzer_top_p=0.95, analyzer_tokens=512,
                   analyzer_prompt="authors", analyzer_parser="strict", analyzer_forced=False, verify_targets=False,
-                  max_len=24576, max_env_steps=None, seed=42, ema_rate=0.999, action_protocol="authors",
-                  after_check=False, model=PAPER_MODEL),
+                  analyzer_tool_pick=False, max_len=24576, max_env_steps=None, seed=42, ema_rate=0.999,
+                  action_protocol="authors", after_check=False, model=PAPER_MODEL),
     "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=None, turns=None,
                 lr=1e-5, lr_schedule="constant", lora_rank=32, lora_alpha=64.0, lora_dropout=0.0,
                 lora_targets=list(LORA_ALL), topk=None, loss_norm="token", max_new_tokens=96,
                 temperature=0.6, analyzer_temperature=0.0, analyzer_top_p=1.0, analyzer_tokens=128,
                 analyzer_prompt="compact", analyzer_parser="lenient", analyzer_forced=False, verify_targets=False,
-                max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999, action_protocol="friendly", after_check=True,
-                model=DEFAULT_MODEL),
+                analyzer_tool_pick=False, max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999,
+                action_protocol="friendly", after_check=True, model=DEFAULT_MODEL),
 }
 # cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
 CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
@@ -1392,6 +1426,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--analyzer-forced", action=argparse.BooleanOptionalAction,
                    help="beyond the paper: the answer's JSON opening and its first step number (one of the rollout's "
                         "steps) are forced, so an answer always names a step unless its feedback is empty")
+    g.add_argument("--analyzer-tool-pick", action=argparse.BooleanOptionalAction,
+                   help="beyond the paper (BFCL, with --analyzer-forced): the forced feedback opens with 'The agent "
+                        "should call the tool' and the name of the task's tool most likely there relative to the same "
+                        "view with the user's request blanked; the analyzer writes the rest"),
     g.add_argument("--verify-targets", action=argparse.BooleanOptionalAction,
                    help="beyond the paper: the teacher writes its own action at each target (greedy, the feedback in "
                         "view), the environment is replayed to that step and runs it; a target is dropped when that "
@@ -1445,6 +1483,10 @@ def parse_args(argv=None) -> argparse.Namespace:
              "--feedback oracle needs BFCL ground truth; use it with --bench bfcl"),
             (args.analyzer_forced and args.analyzer_url,
              "--analyzer-forced needs a local analyzer (it forces tokens); an endpoint cannot take them"),
+            (args.analyzer_tool_pick and not args.analyzer_forced,
+             "--analyzer-tool-pick opens a forced answer's feedback; it needs --analyzer-forced"),
+            (args.analyzer_tool_pick and args.bench != "bfcl",
+             "--analyzer-tool-pick needs BFCL's tool list; use it with --bench bfcl"),
             (args.feedback == "external" and not args.analyzer_model,
              "--feedback external needs --analyzer-model (a model, or the endpoint's model name with --analyzer-url)"),
             (args.turns and args.bench != "bfcl", "--turns applies to BFCL only"),
@@ -1511,7 +1553,8 @@ def step_config(args) -> StepConfig:
         args.lora_rank == 0, SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.max_len, args.cuda_graphs),
         AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
                        args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
-                       args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets),
+                       args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets,
+                       args.analyzer_tool_pick),
         LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
 
 def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:

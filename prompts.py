@@ -22,6 +22,7 @@ The OpenClaw-RL-style baseline instead asks a judge about every single step (jud
 the action and what came back); parse_judgement reads its +-1 score and optional hint.
 """
 
+import dataclasses
 import http.client
 import json
 import os
@@ -344,6 +345,13 @@ def compact_messages(messages: list[dict], reward: float, k: int = 3) -> list[di
     user = ("Here is the run:\n\n" + render_trajectory(messages, reward) + "\n\n"
             + INSTRUCTIONS.format(k=k, steps="step" if k == 1 else "steps", n=count_steps(messages)))
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def blank_requests(t):
+    """Rollout t with its chat's user messages blanked ("N/A"): the analyzer's view without the request, whose
+    answers are a content-free prior (hintsd.pick_tool)."""
+    return dataclasses.replace(t, messages=[{**m, "content": "N/A"} if m["role"] == "user" else m
+                                            for m in t.messages])
 
 
 def analyzer_messages(t, bench: str = "bfcl", variant: str = "multi", style: str = "authors", split: str = "train",

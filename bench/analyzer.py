@@ -5,6 +5,7 @@
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
+    python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick
 
 The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with
 the cpu preset's rollout settings (friendly protocol, 4 rollouts a task at temperature 0.6, 3 env steps, 64 new
@@ -20,7 +21,7 @@ and the right call there):
                 and gets no error back when the environment is replayed to it and runs it (hintsd.verify_targets)
 Settings (rows): compact = the cpu preset's analyzer (compact prompt, greedy, 128 tokens, lenient parser);
 authors = the paper's (the authors' view with the tool schemas, temperature 0.6, top-p 0.95, 512 tokens, strict
-parser); +forced = --analyzer-forced; +verify = the same answers with --verify-targets applied (its scores are over
+parser); +forced = --analyzer-forced; +tool = --analyzer-tool-pick; +verify = the same answers with --verify-targets applied (its scores are over
 the targets replay kept).
 --tool-choice asks whether a constraint on the feedback's function name could help: after the authors' view and
 '{"failures": [{"step": <the oracle's step>, "feedback": "The agent should call the tool "', each tool of the
@@ -51,11 +52,12 @@ ROLLOUTS = ROOT / "bench" / "analyzer_rollouts.jsonl"
 TASKS = ["multi_turn_base_93", "multi_turn_base_146", "multi_turn_base_105", "multi_turn_base_115",
          "multi_turn_base_118", "multi_turn_base_127", "multi_turn_base_25", "multi_turn_base_9", "multi_turn_base_37",
          "multi_turn_base_66", "multi_turn_base_164", "multi_turn_base_158"]  # 4 API classes
-SETTINGS = {  # name: (analyzer prompt, temperature, top-p, tokens, parser, forced)
-    "compact": ("compact", 0.0, 1.0, 128, "lenient", False),
-    "authors": ("authors", 0.6, 0.95, 512, "strict", False),
-    "authors+forced": ("authors", 0.6, 0.95, 512, "strict", True),
-    "compact+forced": ("compact", 0.0, 1.0, 128, "lenient", True),
+SETTINGS = {  # name: (analyzer prompt, temperature, top-p, tokens, parser, forced, tool pick)
+    "compact": ("compact", 0.0, 1.0, 128, "lenient", False, False),
+    "authors": ("authors", 0.6, 0.95, 512, "strict", False, False),
+    "authors+forced": ("authors", 0.6, 0.95, 512, "strict", True, False),
+    "compact+forced": ("compact", 0.0, 1.0, 128, "lenient", True, False),
+    "authors+forced+tool": ("authors", 0.6, 0.95, 512, "strict", True, True),
 }
 SAMPLING = hintsd.SamplingConfig(max_new_tokens=64, temperature=0.6, max_len=8192)
 
@@ -92,15 +94,10 @@ def oracle_of(task, t) -> tuple[int | None, str | None]:
     return step - 1, name[1] if name else None
 
 
-@torch.no_grad()
 def tool_scores(model, tok, ids: list[int], names: list[str]) -> dict[str, float]:
-    """Each name's log-probability (name and closing quote) as the continuation of ids, from one packed forward:
-    ids are computed once, the names branch off them."""
-    tails = [prompts.encode(tok, n + '"') for n in names]
-    rows = [list(range(len(ids) - 1, len(ids) + len(c) - 1)) for c in tails]  # row i predicts token i + 1
-    logits = hintsd.packed_logits(model, [ids + c for c in tails], rows, 1 << 20)  # one pack
-    return {n: lg.log_softmax(-1).gather(1, torch.tensor(c)[:, None]).sum().item()
-            for n, c, lg in zip(names, tails, logits)}
+    """Each name's log-probability (name and closing quote) as the continuation of ids (one packed forward)."""
+    logp = hintsd.name_logprobs(model, [ids], [prompts.encode(tok, n + '"') for n in names])[0]
+    return dict(zip(names, logp.tolist()))
 
 
 def analyzer_view(tok, t, step: int) -> list[int]:
@@ -184,8 +181,8 @@ def main():
         return tool_choice(model, tok, trajs, oracle, external)
     rows = []
     for name in a.settings:
-        style, temp, top_p, tokens, parser, forced = SETTINGS[name]
-        cfg = hintsd.AnalyzerConfig("policy", style, parser, tokens, temp, top_p, forced=forced)
+        style, temp, top_p, tokens, parser, forced, tool_pick = SETTINGS[name]
+        cfg = hintsd.AnalyzerConfig("policy", style, parser, tokens, temp, top_p, forced=forced, tool_pick=tool_pick)
         t0 = time.perf_counter()
         h = hintsd.select_targets(model, tok, trajs, cfg, "multi", "bfcl", {}, tasks_by_id, "json", "friendly",
                                   a.seed, external)

@@ -20,6 +20,8 @@ The hindsight sources of Table 3 (HINT-SD Multi, only the source changes):
   hintsd-oracle       the BFCL ground-truth oracle (an upper bound, not self-hindsight)
   hintsd-larger       a larger model as the analyzer (the paper's analyzer): Qwen2.5-Coder-1.5B-Instruct, built by
                       bench/larger_analyzer.py on first use (no ground truth; but not self-hindsight)
+  hintsd-larger-tool  the same 1.5B analyzer, its answers forced to parse (--analyzer-forced) and its feedback opened
+                      with a tool of the task's list, picked against a blanked-request prior (--analyzer-tool-pick)
   hintsd-best         the EMA teacher with the best setting of bench/analyzer.py (the paper's analyzer with its
                       answers forced to parse: --analyzer-forced) and corrections checked by replay (--verify-targets)
 and the controls: grpo (the terminal reward) and initial (no training: the base model, flat by definition).
@@ -28,11 +30,12 @@ rollout r of a task always seeded by (seed, task, r)); the held-out tasks before
 is the same for every method (same weights, same seeds): it runs once, into OUT/step0.jsonl. An interrupted run
 resumes where it stopped (training from its checkpoints; evaluation points already in curve.jsonl are kept).
 OUT/summary.md holds the table of every method run into OUT (wall time summed over calls), with what the analyzer
-did (failed rollouts analysed, targets, parse failures, targets dropped by replay, and how often a first target is
-the oracle's first wrong step).
+did (failed rollouts analysed, targets, parse failures, targets dropped by replay, how often a first target is
+the oracle's first wrong step, and how often its feedback names the function of the oracle's right call).
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -55,6 +58,8 @@ METHODS = {"hintsd-ema": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANAL
            "hintsd-oracle": ["--method", "hintsd", "--feedback", "oracle"],
            "hintsd-larger": ["--method", "hintsd", "--feedback", "external", *PAPER_ANALYZER, "--analyzer-model",
                              str(larger_analyzer.DEST)],
+           "hintsd-larger-tool": ["--method", "hintsd", "--feedback", "external", *PAPER_ANALYZER, "--analyzer-model",
+                                  str(larger_analyzer.DEST), "--analyzer-forced", "--analyzer-tool-pick"],
            "hintsd-best": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANALYZER, "--analyzer-forced",
                            "--verify-targets"],
            "grpo": ["--method", "grpo"], "initial": None}
@@ -93,8 +98,9 @@ def train_to(a, run: Path, method: str, step: int, extra: list[str]) -> None:
 
 def analyzer_record(run: Path, by_id: dict) -> str:
     """What the analyzer did over a run's rollouts.jsonl and metrics.jsonl: failed rollouts analysed, of them with
-    a target, of those whose first target is the oracle's first wrong step; targets, parse failures, dropped."""
-    analyzed = with_target = agree = 0
+    a target, of those whose first target is the oracle's first wrong step, and whose first target's feedback names
+    the function of the oracle's right call; targets, parse failures, dropped."""
+    analyzed = with_target = agree = named = right = 0
     for line in open(run / "rollouts.jsonl"):
         for r in json.loads(line)["rollouts"]:
             if r["reward"] >= 1.0 or not r["steps"]:
@@ -104,9 +110,12 @@ def analyzer_record(run: Path, by_id: dict) -> str:
                 with_target += 1
                 oracle = envs.oracle_feedback(by_id[r["task_id"]], [(s["turn"], s["text"]) for s in r["steps"]])
                 agree += bool(oracle) and oracle[0][0] - 1 == r["targets"][0]["step"]
+                fn = re.search(r'"name": "([^"]+)"', oracle[0][1]) if oracle else None  # the right call's function
+                named, right = named + bool(fn), right + bool(fn and fn[1] in r["targets"][0]["feedback"])
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     dropped = sum(sum(r.get("dropped_by_replay", {}).values()) for r in rows)
-    return (f"{analyzed} failed rollouts analysed, {with_target} with a target ({agree} at the oracle's step); "
+    return (f"{analyzed} failed rollouts analysed, {with_target} with a target ({agree} at the oracle's step; "
+            f"the first target's feedback names the oracle's function in {right} of {named}); "
             f"{sum(r['targets'] for r in rows)} targets, {sum(r['parse_failures'] for r in rows)} parse failures"
             + (f", {dropped} dropped by replay" if any("dropped_by_replay" in r for r in rows) else ""))
 
@@ -144,7 +153,7 @@ def main():
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     hintsd.check_model_name(ap, a.model)
     out = hintsd.check_out_dir(ap, a.out)
-    if "hintsd-larger" in a.methods:
+    if {"hintsd-larger", "hintsd-larger-tool"} & set(a.methods):
         larger_analyzer.build()
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
     step0 = out / "step0.jsonl"  # the base model's evaluation: the same for every method (same weights, same seeds)

@@ -307,6 +307,45 @@ def test_forced_answers_name_a_step_of_the_rollout(policy, n_steps):
     assert greedy == hintsd.forced_answers(model, tok, chats[:2], [3, 3], "multi", 4, 0.0, 1.0, seed=1)
 
 
+def test_tool_pick_opens_the_feedback_with_the_calibrated_best_tool(policy, trajs):
+    """--analyzer-tool-pick: the forced feedback opens with TOOL_HEAD and the task's tool whose name is most likely
+    there relative to the same view with the request blanked; checked against plain forwards of every name, one
+    sequence at a time (no packing, no cache)."""
+    model, tok = policy
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
+    cfg = hintsd.AnalyzerConfig("policy", "authors", "strict", 3, 0.0, 1.0, forced=True, tool_pick=True)
+    h = hintsd.select_targets(model, tok, trajs, cfg, "multi", "bfcl", {}, tasks_by_id, "json", "friendly", 0)
+    failed = [t for t in trajs if t.reward < 1.0 and t.steps]
+    assert len(h.answers) == len(failed) and len(h.targets) == len(failed)  # every answer parses, one target each
+    head = prompts.encode(tok, hintsd.TOOL_HEAD)
+    for t, answer, tg in zip(failed, h.answers, h.targets):
+        names = envs.bfcl_tool_names(tasks_by_id[t.task_id])
+        picked = [n for n in names if tg.feedback.startswith(f'The agent should call the tool "{n}"')]
+        assert len(picked) == 1, tg.feedback
+        digits = [tok.convert_tokens_to_ids(d) for d in str(tg.step + 1)]
+        after = prompts.encode(tok, '{"failures": [{"step": ') + digits + prompts.encode(tok, ', "feedback": "') + head
+
+        def logp(chat, name):
+            ids = prompts.prompt_ids(tok, chat, None)[0] + after
+            c = prompts.encode(tok, name + '\\"')
+            lp = model(input_ids=torch.tensor([ids + c])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+            return lp.gather(1, torch.tensor(c)[:, None]).sum().item()
+        view = prompts.analyzer_messages(t, "bfcl", "multi", "authors")
+        blank = prompts.analyzer_messages(prompts.blank_requests(t), "bfcl", "multi", "authors")
+        assert "N/A" in blank[1]["content"] and blank != view
+        score = {n: logp(view, n) - logp(blank, n) for n in names}
+        assert picked[0] == max(score, key=score.get)
+
+
+@pytest.mark.parametrize("argv,says", [(["--analyzer-tool-pick"], "needs --analyzer-forced"),
+                                       (["--analyzer-tool-pick", "--analyzer-forced", "--bench", "appworld"],
+                                        "needs BFCL")])
+def test_tool_pick_needs_forced_answers_and_bfcl(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        hintsd.parse_args([*argv, "--print-config"])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- corrections checked by replay
 FUEL = '<tool_call>\n{"name": "displayCarStatus", "arguments": {"option": "fuel"}}\n</tool_call>'
 
