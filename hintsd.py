@@ -658,14 +658,24 @@ def generate_texts(model, tok, chats: list[list[dict]], max_new_tokens: int, tem
         out += generate(model, tok, ids[i:i + batch], max_new_tokens, temperature, top_p, seed_of(seed, i))
     return [tok.decode(c.tokens, skip_special_tokens=True) for c in out]
 
-@torch.no_grad()
 def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], variant: str, max_new_tokens: int,
                    temperature: float, top_p: float, seed: int, max_len: int | None = None,
                    tools: list[tuple[list[dict], list[str]]] | None = None) -> list[str]:
     """Analyzer answers whose format cannot break: the JSON opening is given; the step number is sampled from the
     model restricted to 1..min(n, 99) of each rollout (digit tokens, up to two); '", "feedback": "' is given; the
     model writes the rest freely. tools[b]: (chat b with the user's request blanked, the rollout's tool names): the
-    feedback then opens with TOOL_HEAD and the tool pick_tool chooses (--analyzer-tool-pick)."""
+    feedback then opens with TOOL_HEAD and the tool pick_tool chooses (--analyzer-tool-pick). All at once on a GPU,
+    eight at a time on a CPU (as generate_texts); chat b's draws are seeded by (seed, b) in any batch."""
+    batch, out = (len(chats) or 1) if model.device.type == "cuda" else 8, []
+    for i in tqdm(range(0, len(chats), batch), "  analysis", leave=False):
+        out += forced_batch(model, tok, chats[i:i + batch], n_steps[i:i + batch], variant, max_new_tokens,
+                            temperature, top_p, seed, max_len, tools[i:i + batch] if tools else None, i)
+    return out
+
+@torch.no_grad()
+def forced_batch(model, tok, chats, n_steps, variant, max_new_tokens, temperature, top_p, seed, max_len, tools,
+                 first_row: int) -> list[str]:
+    """forced_answers for one batch of chats, the first of which is chat first_row of the call."""
     opening = '{"failure_step": ' if variant == "single" else '{"failures": [{"step": '
     head = prompts.encode(tok, TOOL_HEAD) if tools else []
     names = [[prompts.encode(tok, n + '\\"') for n in ns] for _, ns in tools] if tools else []
@@ -676,7 +686,8 @@ def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], vari
     tail = prompts.encode(tok, ', "feedback": "')
     cache, logits = start(model, prompt, max_new_tokens + extra)
     dev, B = logits.device, len(chats)
-    gens = [torch.Generator(device=dev).manual_seed(seed_of(seed, b, "step")) for b in range(B)]
+    rows = range(first_row, first_row + B)  # the chats' indices in the call: their seeds
+    gens = [torch.Generator(device=dev).manual_seed(seed_of(seed, b, "step")) for b in rows]
 
     def pick(logits, ok):  # ok(b, digit text or None for the stop) -> whether allowed; -> chosen token per row
         allow = torch.zeros_like(logits, dtype=torch.bool)
@@ -700,7 +711,7 @@ def forced_answers(model, tok, chats: list[list[dict]], n_steps: list[int], vari
         chosen = [pick_tool(model, p + s, b + s, cs) for p, b, s, cs in tqdm(
             zip(prompt, blank, step_ids, names), "  tool pick", B, leave=False)]
     rest = [s[1 if m else 0:] + c for s, m, c in zip(step_ids, more, chosen)]  # a first digit that may go on is in
-    outs = decode_n_tokens(model, cache, prefill(model, cache, rest), [seed_of(seed, b) for b in range(B)],
+    outs = decode_n_tokens(model, cache, prefill(model, cache, rest), [seed_of(seed, b) for b in rows],
                            max_new_tokens, temperature, top_p, eos_ids(tok, model))
     return [opening + x + ', "feedback": "' + tok.decode(head + c + o.tokens, skip_special_tokens=True)
             for x, c, o in zip(number, chosen, outs)]

@@ -5,7 +5,7 @@
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
-    python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick
+    python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick (~50 min)
 
 The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with
 the cpu preset's rollout settings (friendly protocol, 4 rollouts a task at temperature 0.6, 3 env steps, 64 new

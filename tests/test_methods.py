@@ -307,6 +307,17 @@ def test_forced_answers_name_a_step_of_the_rollout(policy, n_steps):
     assert greedy == hintsd.forced_answers(model, tok, chats[:2], [3, 3], "multi", 4, 0.0, 1.0, seed=1)
 
 
+def test_forced_answers_come_in_batches_of_eight_on_a_cpu_seeded_per_chat(policy):
+    """A chat's answer depends on its own seed (seed, its index in the call), not on the batch it shares: the 10th of
+    ten chats (the second batch on a CPU) is answered as when it is sent alone; no chat, no answer."""
+    model, tok = policy
+    chats = [[{"role": "user", "content": f"Which step failed? {i}"}] for i in range(10)]
+    answers = hintsd.forced_answers(model, tok, chats, [3] * 10, "multi", 5, 1.0, 1.0, seed=4)
+    alone = hintsd.forced_batch(model, tok, chats[9:], [3], "multi", 5, 1.0, 1.0, 4, None, None, 9)
+    assert len(answers) == 10 and answers[9] == alone[0] and len(set(answers)) > 1
+    assert hintsd.forced_answers(model, tok, [], [], "multi", 5, 1.0, 1.0, seed=4) == []
+
+
 def test_tool_pick_opens_the_feedback_with_the_calibrated_best_tool(policy, trajs):
     """--analyzer-tool-pick: the forced feedback opens with TOOL_HEAD and the task's tool whose name is most likely
     there relative to the same view with the request blanked; checked against plain forwards of every name, one
