@@ -21,8 +21,8 @@ and the right call there):
                 and gets no error back when the environment is replayed to it and runs it (hintsd.verify_targets)
 Settings (rows): compact = the cpu preset's analyzer (compact prompt, greedy, 128 tokens, lenient parser);
 authors = the paper's (the authors' view with the tool schemas, temperature 0.6, top-p 0.95, 512 tokens, strict
-parser); +forced = --analyzer-forced; +tool = --analyzer-tool-pick; +verify = the same answers with --verify-targets applied (its scores are over
-the targets replay kept).
+parser); +forced = --analyzer-forced; +tool = --analyzer-tool-pick; +verify = the same answers with
+--verify-targets applied (its scores are over the targets replay kept).
 --tool-choice asks whether a constraint on the feedback's function name could help: after the authors' view and
 '{"failures": [{"step": <the oracle's step>, "feedback": "The agent should call the tool "', each tool of the
 rollout's list is scored by its log-probability (name and closing quote), and the best one is compared with the
