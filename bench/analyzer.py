@@ -1,6 +1,7 @@
 """The hindsight analyzer, offline: how often its answers name the step and the fix the oracle would, per setting.
 
-    python bench/analyzer.py --no-verify          # every setting on bench/analyzer_rollouts.jsonl (~50 min, 2 cores)
+    python bench/analyzer.py --no-verify          # every setting on bench/analyzer_rollouts.jsonl (~50 min, 2 cores,
+                                                  # before the +tool setting was added; that one is not measured at 0.5B)
     python bench/analyzer.py                      # the same, each target also replay-verified (2-3 hours)
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
