@@ -190,10 +190,16 @@ def bfcl_tools(involved_classes, excluded=()):
             if t["function"]["name"] not in excluded]
 
 
+def bfcl_task_tools(task, protocol="friendly"):
+    """The schemas of the functions a task's environment runs: every function of its classes under the authors'
+    protocol (their system prompt lists them all), the task's excluded functions removed otherwise."""
+    excluded = () if protocol == "authors" else task.get("excluded_function") or ()
+    return bfcl_tools(task["involved_classes"], excluded)
+
+
 def bfcl_tool_names(task, protocol="friendly") -> list[str]:
     """The names of the functions the task's environment runs, in the order they are listed to the policy."""
-    excluded = () if protocol == "authors" else task.get("excluded_function") or ()
-    return [t["function"]["name"] for t in bfcl_tools(task["involved_classes"], excluded)]
+    return [t["function"]["name"] for t in bfcl_task_tools(task, protocol)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -589,12 +595,9 @@ class BFCLEnv:
     def __init__(self, task, action_format="json", max_steps=20, protocol="friendly"):
         _check_protocol(action_format, protocol)
         self.task, self.action_format, self.max_steps, self.protocol = task, action_format, max_steps, protocol
-        if protocol == "authors":  # every function of the classes, listed raw in the system prompt
-            self.docs = bfcl_docs(task["involved_classes"])
-            self.schemas = bfcl_tools(task["involved_classes"])
-        else:
-            self.docs = None
-            self.schemas = bfcl_tools(task["involved_classes"], task.get("excluded_function") or ())
+        # the authors' protocol lists every function of the classes, raw, in the system prompt
+        self.docs = bfcl_docs(task["involved_classes"]) if protocol == "authors" else None
+        self.schemas = bfcl_task_tools(task, protocol)
         self.tool_names = {t["function"]["name"] for t in self.schemas}
         # what the chat template gets as tools=: the schemas in the friendly json format; none in the python
         # format, whose system prompt lists the docs itself (the template's <tool_call> instructions would

@@ -681,7 +681,9 @@ def forced_batch(model, tok, chats, n_steps, variant, max_new_tokens, temperatur
     names = [[prompts.encode(tok, n + '\\"') for n in ns] for _, ns in tools] if tools else []
     extra = 16 + len(head) + max((len(c) for cs in names for c in cs), default=0)  # forced ids after the prompt
     keep = max_len - max_new_tokens - extra if max_len and max_len > max_new_tokens + extra else None
-    prompt = [prompts.prompt_ids(tok, c, None)[0][:keep] + prompts.encode(tok, opening) for c in chats]
+    def ids(chat):  # the chat's prompt, cut to keep, and the forced opening
+        return prompts.prompt_ids(tok, chat, None)[0][:keep] + prompts.encode(tok, opening)
+    prompt = [ids(c) for c in chats]
     digits = {i: t for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}  # Qwen: one digit each
     tail = prompts.encode(tok, ', "feedback": "')
     cache, logits = start(model, prompt, max_new_tokens + extra)
@@ -707,7 +709,7 @@ def forced_batch(model, tok, chats, n_steps, variant, max_new_tokens, temperatur
     step_ids = [[f] + ([t] if e else []) + tail + head for f, t, e in zip(first, second, ext)]  # after the opening
     chosen = [[]] * B  # the tool name's ids (--analyzer-tool-pick), after TOOL_HEAD
     if tools:
-        blank = [prompts.prompt_ids(tok, c, None)[0][:keep] + prompts.encode(tok, opening) for c, _ in tools]
+        blank = [ids(c) for c, _ in tools]
         chosen = [pick_tool(model, p + s, b + s, cs) for p, b, s, cs in tqdm(
             zip(prompt, blank, step_ids, names), "  tool pick", B, leave=False)]
     rest = [s[1 if m else 0:] + c for s, m, c in zip(step_ids, more, chosen)]  # a first digit that may go on is in

@@ -1,7 +1,7 @@
 """The hindsight analyzer, offline: how often its answers name the step and the fix the oracle would, per setting.
 
     python bench/analyzer.py --no-verify          # every setting on bench/analyzer_rollouts.jsonl (~50 min, 2 cores,
-                                                  # before the +tool setting was added; that one is not measured at 0.5B)
+                                                  # before the +tool setting was added; not measured at 0.5B)
     python bench/analyzer.py                      # the same, each target also replay-verified (2-3 hours)
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
@@ -37,7 +37,6 @@ import json
 import re
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -85,9 +84,10 @@ def replayed(model, tok, tasks_by_id, path) -> list:
     return trajs
 
 
-def oracle_of(task, t) -> tuple[int | None, str | None]:
-    """(the oracle's first wrong step, 0-based, or None; the function of its right call, or None)."""
-    found = envs.oracle_feedback(task, [(s.turn, s.text) for s in t.steps], "json", "friendly")
+def oracle_of(task, steps: list[tuple[int, str]]) -> tuple[int | None, str | None]:
+    """(the oracle's first wrong step, 0-based, or None; the function of its right call, or None) for the rollout
+    whose steps are [(turn, action text)]."""
+    found = envs.oracle_feedback(task, steps, "json", "friendly")
     if not found:
         return None, None
     step, text = found[0]
@@ -120,8 +120,7 @@ def tool_choice(model, tok, trajs, oracle, external=None) -> None:
         if step is None or fn is None:
             continue
         names = [x["function"]["name"] for x in t.tools]  # the chat template's schemas, as envs reads them
-        user = next(m for m in t.messages if m["role"] == "user")
-        blank = replace(t, messages=[{**m, "content": "N/A"} if m is user else m for m in t.messages])
+        blank = prompts.blank_requests(t)
         s, s0 = (tool_scores(am, at, analyzer_view(at, x, step), names) for x in (t, blank))
         act = tool_scores(model, tok, t.tokens[:t.steps[step].start] + prompts.encode(tok, '{"name": "'), names)
         best = {"analyzer": max(s, key=s.get), "calibrated": max(s, key=lambda k: s[k] - s0[k]),
@@ -174,7 +173,7 @@ def main():
     external = hintsd.load_model(a.analyzer_model, "cpu", dtype) if a.analyzer_model else None
     tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}
     trajs = replayed(model, tok, tasks_by_id, a.rollouts)
-    oracle = [oracle_of(tasks_by_id[t.task_id], t) for t in trajs]
+    oracle = [oracle_of(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps]) for t in trajs]
     print(f"{len(trajs)} failed rollouts of {len({t.task_id for t in trajs})} tasks; the oracle names a step in "
           f"{sum(s is not None for s, _ in oracle)} and a function in {sum(f is not None for _, f in oracle)}; "
           f"dtype {next(model.parameters()).dtype}", flush=True)

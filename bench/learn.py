@@ -35,7 +35,6 @@ the oracle's first wrong step, and how often its feedback names the function of 
 """
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 import eval as ev  # noqa: E402
 import hintsd  # noqa: E402
-from bench import larger_analyzer  # noqa: E402
+from bench import analyzer, larger_analyzer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_ANALYZER = ["--analyzer-prompt", "authors", "--analyzer-parser", "strict", "--analyzer-temperature", "0.6",
@@ -108,10 +107,9 @@ def analyzer_record(run: Path, by_id: dict) -> str:
             analyzed += 1
             if r["targets"]:
                 with_target += 1
-                oracle = envs.oracle_feedback(by_id[r["task_id"]], [(s["turn"], s["text"]) for s in r["steps"]])
-                agree += bool(oracle) and oracle[0][0] - 1 == r["targets"][0]["step"]
-                fn = re.search(r'"name": "([^"]+)"', oracle[0][1]) if oracle else None  # the right call's function
-                named, right = named + bool(fn), right + bool(fn and fn[1] in r["targets"][0]["feedback"])
+                step, fn = analyzer.oracle_of(by_id[r["task_id"]], [(s["turn"], s["text"]) for s in r["steps"]])
+                agree += step is not None and step == r["targets"][0]["step"]
+                named, right = named + bool(fn), right + bool(fn and fn in r["targets"][0]["feedback"])
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     dropped = sum(sum(r.get("dropped_by_replay", {}).values()) for r in rows)
     return (f"{analyzed} failed rollouts analysed, {with_target} with a target ({agree} at the oracle's step; "
