@@ -570,6 +570,7 @@ class AnalyzerConfig:
     forced: bool = False      # beyond the paper: the answer's JSON opening and first step number are forced
     verify: bool = False      # beyond the paper: each correction is checked by replay before it is distilled
     tool_pick: bool = False   # beyond the paper (with forced): the feedback opens with a tool picked from the list
+    verify_samples: int = 1   # beyond the paper (with verify): tries per target, the greedy one, then sampled ones
 
 @dataclass
 class Hindsight:
@@ -596,7 +597,8 @@ def learning_signal(run: Run, cfg: StepConfig, step: int, trajs: list[Trajectory
         if cfg.analyzer.verify:
             h.targets, h.dropped = verify_targets(
                 model, tok, trajs, h.targets, run.shadows["ema"] if cfg.teacher == "ema" else None, tasks_by_id,
-                cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps)
+                cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps,
+                cfg.analyzer.verify_samples, seed_of(cfg.seed, step, "replay"))
         sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
         answers, failures, dropped = h.answers, h.parse_failures, h.dropped if cfg.analyzer.verify else None
     elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
@@ -739,29 +741,53 @@ def name_logprobs(model, views: list[list[int]], names: list[list[int]]) -> torc
     return torch.stack(logp).view(len(views), len(names))
 
 def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], teacher, tasks_by_id: dict,
-                   max_new_tokens: int, action_format: str, protocol: str, max_env_steps: int | None
-                   ) -> tuple[list[Target], dict]:
+                   max_new_tokens: int, action_format: str, protocol: str, max_env_steps: int | None,
+                   samples: int = 1, seed: int = 0) -> tuple[list[Target], dict]:
     """Beyond the paper: corrections checked by replay. At each target the teacher (feedback in view) writes its own
     action greedily; the environment is replayed to the step and runs it (envs.correction_problem). A target is
     dropped when that action does not parse, calls an unknown function, gets an error, or is the student's own.
-    Returns the kept targets and {reason: count} dropped."""
+    samples > 1: a target whose greedy action fails gets samples - 1 more tries, sampled at temperature 1; the first
+    that passes and (BFCL) calls a function keeps it, quoted at the end of its feedback (VERIFIED), since the teacher
+    would not write it greedily. (A reply without a call passes replay: nothing runs; found by sampling, it is more
+    often a way out than a correction.) Returns the kept targets and {reason: count} dropped (the greedy action's
+    reason)."""
     ctxs = []
     for tg in targets:
         t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
         ctxs.append(t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.start])
-    with teacher or nullcontext():
-        outs = generate(model, tok, ctxs, max_new_tokens) if ctxs else []
-    stops, kept, dropped = set(eos_ids(tok, model)), [], {}
-    for tg, out in zip(targets, outs):
+    stops = set(eos_ids(tok, model))
+
+    def actions(ids: list[list[int]], temperature: float) -> list[str]:  # the teacher's action texts
+        with teacher or nullcontext():
+            outs = generate(model, tok, ids, max_new_tokens, temperature, 1.0, seed) if ids else []
+        return [prompts.valid_text(tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stops else o.tokens))
+                for o in outs]
+
+    def problem(tg: Target, text: str) -> str | None:
         t = trajs[tg.traj]
-        text = prompts.valid_text(tok.decode(out.tokens[:-1] if out.tokens and out.tokens[-1] in stops else out.tokens))
-        why = envs.correction_problem(tasks_by_id[t.task_id], [s.text for s in t.steps[:tg.step]], text,
-                                      t.steps[tg.step].text, action_format, max_env_steps, protocol)
-        if why:
-            dropped[why] = dropped.get(why, 0) + 1
-        else:
+        return envs.correction_problem(tasks_by_id[t.task_id], [s.text for s in t.steps[:tg.step]], text,
+                                       t.steps[tg.step].text, action_format, max_env_steps, protocol)
+
+    def passes(tg: Target, text: str) -> bool:  # a sampled try: (BFCL) it calls a function, and replay passes it
+        bfcl = tasks_by_id[trajs[tg.traj].task_id].get("bench") != "appworld"
+        return (not bfcl or bool(envs.parse_calls(text, action_format, protocol)[0])) and not problem(tg, text)
+
+    whys = [problem(tg, a) for tg, a in zip(targets, actions(ctxs, 0.0))]
+    failed = [i for i, why in enumerate(whys) if why] if samples > 1 else []
+    tries = actions([ctxs[i] for i in failed for _ in range(samples - 1)], 1.0)  # one shared prefill per target
+    found = {i: next((a for a in tries[n * (samples - 1):(n + 1) * (samples - 1)] if passes(targets[i], a)), None)
+             for n, i in enumerate(failed)}
+    kept, dropped = [], {}
+    for i, (tg, why) in enumerate(zip(targets, whys)):
+        if not why:
             kept.append(tg)
+        elif found.get(i) is not None:
+            kept.append(Target(tg.traj, tg.step, tg.feedback.strip() + VERIFIED + found[i], tg.at_step))
+        else:
+            dropped[why] = dropped.get(why, 0) + 1
     return kept, dropped
+
+VERIFIED = "\nAn action that runs here without an error: "  # how verify_targets quotes a sampled action
 
 
 # --- the baselines' signals: SDPO, OpenClaw, GRPO, SFT
@@ -1254,15 +1280,15 @@ PRESETS = {
                   lora_targets=["q_proj", "v_proj"], topk=100, loss_norm="task", max_new_tokens=1024,
                   temperature=0.6, analyzer_temperature=0.6, analyzer_top_p=0.95, analyzer_tokens=512,
                   analyzer_prompt="authors", analyzer_parser="strict", analyzer_forced=False, verify_targets=False,
-                  analyzer_tool_pick=False, max_len=24576, max_env_steps=None, seed=42, ema_rate=0.999,
-                  action_protocol="authors", after_check=False, model=PAPER_MODEL),
+                  analyzer_tool_pick=False, verify_samples=1, max_len=24576, max_env_steps=None, seed=42,
+                  ema_rate=0.999, action_protocol="authors", after_check=False, model=PAPER_MODEL),
     "cpu": dict(steps=2, epochs=1, tasks_per_step=1, rollouts=2, tasks=None, limit=None, turns=None,
                 lr=1e-5, lr_schedule="constant", lora_rank=32, lora_alpha=64.0, lora_dropout=0.0,
                 lora_targets=list(LORA_ALL), topk=None, loss_norm="token", max_new_tokens=96,
                 temperature=0.6, analyzer_temperature=0.0, analyzer_top_p=1.0, analyzer_tokens=128,
                 analyzer_prompt="compact", analyzer_parser="lenient", analyzer_forced=False, verify_targets=False,
-                analyzer_tool_pick=False, max_len=8192, max_env_steps=4, seed=42, ema_rate=0.999,
-                action_protocol="friendly", after_check=True, model=DEFAULT_MODEL),
+                analyzer_tool_pick=False, verify_samples=1, max_len=8192, max_env_steps=4, seed=42,
+                ema_rate=0.999, action_protocol="friendly", after_check=True, model=DEFAULT_MODEL),
 }
 # cpu preset, BFCL: the two train tasks with the shortest prompts (2.2k tokens; the median is 3.7k)
 CPU_TASKS = {"bfcl": ["multi_turn_base_105", "multi_turn_base_115"]}
@@ -1447,6 +1473,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beyond the paper: the teacher writes its own action at each target (greedy, the feedback in "
                         "view), the environment is replayed to that step and runs it; a target is dropped when that "
                         "action does not parse, calls an unknown function, gets an error back, or is the student's")
+    g.add_argument("--verify-samples", type=positive_int, metavar="N",
+                   help="beyond the paper (with --verify-targets): a target whose greedy action fails gets N - 1 more "
+                        "tries sampled at temperature 1; the first that passes and (BFCL) calls a function keeps the "
+                        "target and is quoted at the end of its feedback ('An action that runs here without an error: ...')")
     g = ap.add_argument_group("optimization")
     g.add_argument("--lr", type=positive_float, help="AdamW learning rate (weight decay 0, grad clip 1.0)")
     g.add_argument("--lr-schedule", choices=["linear", "constant"], help="linear: decay to 0 over the run, no warmup")
@@ -1498,6 +1528,8 @@ def parse_args(argv=None) -> argparse.Namespace:
              "--analyzer-forced needs a local analyzer (it forces tokens); an endpoint cannot take them"),
             (args.analyzer_tool_pick and not args.analyzer_forced,
              "--analyzer-tool-pick opens a forced answer's feedback; it needs --analyzer-forced"),
+            (args.verify_samples > 1 and not args.verify_targets,
+             "--verify-samples tries more actions for replay verification; it needs --verify-targets"),
             (args.analyzer_tool_pick and args.bench != "bfcl",
              "--analyzer-tool-pick needs BFCL's tool list; use it with --bench bfcl"),
             (args.feedback == "external" and not args.analyzer_model,
@@ -1567,7 +1599,7 @@ def step_config(args) -> StepConfig:
         AnalyzerConfig(args.feedback, args.analyzer_prompt, args.analyzer_parser, args.analyzer_tokens,
                        args.analyzer_temperature, args.analyzer_top_p, args.analyzer_model, args.analyzer_url,
                        args.analyzer_timeout, args.max_len, args.analyzer_forced, args.verify_targets,
-                       args.analyzer_tool_pick),
+                       args.analyzer_tool_pick, args.verify_samples),
         LossConfig(args.topk, args.loss_norm, args.pack_tokens, args.grad_ckpt))
 
 def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:

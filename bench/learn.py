@@ -6,7 +6,8 @@ successes, and with which source of hindsight? (`eval.py --plot` draws it.)
 
 BFCL tasks cut to their first user turn (--turns 1), the embedded 0.5B model, the cpu preset otherwise (friendly
 protocol, LoRA on every projection, exact KL) with: --rollouts 4, --max-env-steps 3, --max-new-tokens 64, --lr 1e-4
-(LoRA at the paper's 5e-6 barely moves a 0.5B model in 10 steps), --tasks-per-step 1, seed 42. Four trained tasks
+(LoRA at the paper's 5e-6 barely moves a 0.5B model in 10 steps), --tasks-per-step 1, seed 42 (--tasks-per-step and
+--rollouts change the batch: 4 x 2 trains every task at every step). Four trained tasks
 (one of each API class the model meets here), four held-out tasks of the test split. Run one method at a time: two
 torch processes on 2 cores slow each other down many times over.
 Methods, each in OUT/<method>: its training run (a hintsd.py run dir) in run/, its evaluations in curve.jsonl.
@@ -24,6 +25,8 @@ The hindsight sources of Table 3 (HINT-SD Multi, only the source changes):
                       with a tool of the task's list, picked against a blanked-request prior (--analyzer-tool-pick)
   hintsd-best         the EMA teacher with the best setting of bench/analyzer.py (the paper's analyzer with its
                       answers forced to parse: --analyzer-forced) and corrections checked by replay (--verify-targets)
+  hintsd-best-sampled the same, where a target whose greedy correction fails replay gets 3 sampled tries, the first
+                      that passes quoted in its feedback (--verify-samples 4)
 and the controls: grpo (the terminal reward) and initial (no training: the base model, flat by definition).
 Every --eval-every steps, and at step 0, the trained tasks are evaluated (k rollouts each, temperature 0.6,
 rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. The step-0 evaluation
@@ -61,6 +64,8 @@ METHODS = {"hintsd-ema": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANAL
                                   str(larger_analyzer.DEST), "--analyzer-forced", "--analyzer-tool-pick"],
            "hintsd-best": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANALYZER, "--analyzer-forced",
                            "--verify-targets"],
+           "hintsd-best-sampled": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANALYZER, "--analyzer-forced",
+                                   "--verify-targets", "--verify-samples", "4"],
            "grpo": ["--method", "grpo"], "initial": None}
 TRAIN = ["multi_turn_base_93", "multi_turn_base_146", "multi_turn_base_9", "multi_turn_base_66"]
 HELD_OUT = ["multi_turn_base_116", "multi_turn_base_126", "multi_turn_base_142", "multi_turn_base_107"]
@@ -88,9 +93,10 @@ def evaluate(a, run: Path, step: int, ids: list[str], split: str) -> dict:
 def train_to(a, run: Path, method: str, step: int, extra: list[str]) -> None:
     """Train (or resume) OUT/<method> up to `step` steps, in a process of its own."""
     cmd = [sys.executable, str(ROOT / "hintsd.py"), *METHODS[method], "--preset", "cpu", "--turns", "1",
-           "--tasks", *a.train, "--tasks-per-step", "1", "--rollouts", "4", "--max-env-steps", str(a.env_steps),
-           "--max-new-tokens", str(a.new), "--lr", str(a.lr), "--seed", str(a.seed), "--steps", str(step),
-           "--model", a.model, "--out", str(run), *(["--resume"] if (run / "LATEST").exists() else []), *extra]
+           "--tasks", *a.train, "--tasks-per-step", str(a.tasks_per_step), "--rollouts", str(a.rollouts),
+           "--max-env-steps", str(a.env_steps), "--max-new-tokens", str(a.new), "--lr", str(a.lr),
+           "--seed", str(a.seed), "--steps", str(step), "--model", a.model, "--out", str(run),
+           *(["--resume"] if (run / "LATEST").exists() else []), *extra]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -99,12 +105,13 @@ def analyzer_record(run: Path, by_id: dict) -> str:
     """What the analyzer did over a run's rollouts.jsonl and metrics.jsonl: failed rollouts analysed, of them with
     a target, of those whose first target is the oracle's first wrong step, and whose first target's feedback names
     the function of the oracle's right call; targets, parse failures, dropped."""
-    analyzed = with_target = agree = named = right = 0
+    analyzed = with_target = agree = named = right = sampled = 0
     for line in open(run / "rollouts.jsonl"):
         for r in json.loads(line)["rollouts"]:
             if r["reward"] >= 1.0 or not r["steps"]:
                 continue
             analyzed += 1
+            sampled += sum(hintsd.VERIFIED in tg["feedback"] for tg in r["targets"])
             if r["targets"]:
                 with_target += 1
                 step, fn = analyzer.oracle_of(by_id[r["task_id"]], [(s["turn"], s["text"]) for s in r["steps"]])
@@ -115,7 +122,8 @@ def analyzer_record(run: Path, by_id: dict) -> str:
     return (f"{analyzed} failed rollouts analysed, {with_target} with a target ({agree} at the oracle's step; "
             f"the first target's feedback names the oracle's function in {right} of {named}); "
             f"{sum(r['targets'] for r in rows)} targets, {sum(r['parse_failures'] for r in rows)} parse failures"
-            + (f", {dropped} dropped by replay" if any("dropped_by_replay" in r for r in rows) else ""))
+            + (f", {dropped} dropped by replay" if any("dropped_by_replay" in r for r in rows) else "")
+            + (f", {sampled} kept by a sampled action" if sampled else ""))
 
 
 def row_of(out: Path, method: str, by_id: dict) -> str:
@@ -143,6 +151,8 @@ def main():
     ap.add_argument("--eval-every", type=hintsd.positive_int, default=5)
     ap.add_argument("--k", type=hintsd.positive_int, default=4, help="evaluation rollouts per task")
     ap.add_argument("--lr", type=hintsd.positive_float, default=1e-4)
+    ap.add_argument("--tasks-per-step", type=hintsd.positive_int, default=1, help="trained tasks per update")
+    ap.add_argument("--rollouts", type=hintsd.positive_int, default=4, help="training rollouts per task")
     ap.add_argument("--env-steps", type=hintsd.positive_int, default=3)
     ap.add_argument("--new", type=hintsd.positive_int, default=64, help="max new tokens per action")
     ap.add_argument("--seed", type=hintsd.nonneg_int, default=42)

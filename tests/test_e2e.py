@@ -1,6 +1,7 @@
 """The real embedded model (Qwen2.5-Coder-0.5B-Instruct) end to end: greedy generation token-identical to
 model.generate, real BFCL rollouts through the real backends and the official checker under both action protocols,
-then one HINT-SD update with ground-truth oracle feedback."""
+then replay verification's sampled tries, and one HINT-SD update with ground-truth oracle feedback."""
+import copy
 import gc
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 import envs
 import hintsd
 import prompts
+
+SEED = 0  # of the sampled tries in the --verify-samples test
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,31 @@ def test_embedded_model_plays_real_bfcl_episodes(embedded, rollouts, protocol):
     # the tools the chat template got travel with the trajectory (the analyzer's view lists them): friendly only
     assert trajs[0].tools == (envs.make_env(task).tools if protocol == "friendly" else [])
     assert (trajs[0].tools != []) == (protocol == "friendly")
+
+
+def test_embedded_verify_samples_keep_the_first_sampled_call_that_replays_cleanly(embedded, rollouts):
+    """--verify-samples 4 with the real model: at the oracle's target of a failed rollout, the student's text made the
+    teacher's greedy action (so replay says "same"), 3 actions are sampled at temperature 1; the first that calls a
+    function and replays without an error keeps the target, quoted after its feedback."""
+    model, tok = embedded
+    task, by_protocol = rollouts
+    trajs = copy.deepcopy(by_protocol["friendly"])
+    h = hintsd.select_targets(model, tok, trajs, hintsd.AnalyzerConfig("oracle"), "multi", "bfcl", {},
+                              {task["id"]: task}, "json", "friendly", 0)
+    tg = h.targets[0]
+    t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
+    ctx = t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.start]
+    text = lambda out: tok.decode(out.tokens[:-1] if out.stop == "eos" else out.tokens)  # noqa: E731
+    s.text = text(hintsd.generate(model, tok, [ctx], 40)[0])
+    args = (model, tok, trajs, [tg], None, {task["id"]: task}, 40, "json", "friendly", 2)
+    assert hintsd.verify_targets(*args) == ([], {"same": 1})
+    earlier = [x.text for x in t.steps[:tg.step]]
+    tries = [text(o) for o in hintsd.generate(model, tok, [ctx] * 3, 40, 1.0, 1.0, SEED)]
+    good = [a for a in tries if envs.parse_calls(a, "json")[0]
+            and envs.correction_problem(task, earlier, a, s.text, "json", 2) is None]
+    assert good, f"no sampled try passes, the test would check nothing: {tries}"
+    kept, dropped = hintsd.verify_targets(*args, samples=4, seed=SEED)
+    assert kept == [hintsd.Target(tg.traj, tg.step, tg.feedback.strip() + hintsd.VERIFIED + good[0])] and not dropped
 
 
 def test_embedded_model_one_hintsd_update_with_oracle_feedback(embedded, rollouts):

@@ -350,8 +350,9 @@ def test_tool_pick_opens_the_feedback_with_the_calibrated_best_tool(policy, traj
 
 @pytest.mark.parametrize("argv,says", [(["--analyzer-tool-pick"], "needs --analyzer-forced"),
                                        (["--analyzer-tool-pick", "--analyzer-forced", "--bench", "appworld"],
-                                        "needs BFCL")])
-def test_tool_pick_needs_forced_answers_and_bfcl(argv, says, capsys):
+                                        "needs BFCL"),
+                                       (["--verify-samples", "4"], "needs --verify-targets")])
+def test_tool_pick_and_verify_samples_refuse_without_what_they_need(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         hintsd.parse_args([*argv, "--print-config"])
     assert e.value.code == 2 and says in capsys.readouterr().err
@@ -393,6 +394,26 @@ def test_verify_targets_keeps_what_replays_cleanly_and_counts_the_rest(policy, t
         why = envs.correction_problem(tasks_by_id[t.task_id], [x.text for x in t.steps[:tg.step]], text, s.text,
                                       "json", 4, "friendly")
         assert (tg in kept) == (why is None)
+
+
+def test_verify_samples_need_a_call_that_replays_cleanly(policy, trajs):
+    """--verify-samples 4 with the tiny random policy: a target whose greedy action fails replay (here: the student's
+    own text is made the teacher's greedy action, "same") gets 3 actions sampled at temperature 1. They replay
+    without an error (they call nothing), but a sampled try must call a function: the target is still dropped.
+    (The kept case, with the embedded model: tests/test_e2e.py.)"""
+    model, tok = policy
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
+    tg, t = hintsd.Target(0, 0, "You should call ls."), copy.deepcopy(trajs[0])
+    s = t.steps[0]
+    ctx = t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.start]
+    text = lambda out: tok.decode(out.tokens[:-1] if out.stop == "eos" else out.tokens)  # noqa: E731
+    s.text = text(hintsd.generate(model, tok, [ctx], 12)[0])
+    args = (model, tok, [t], [tg], None, tasks_by_id, 12, "json", "friendly", 4)
+    assert hintsd.verify_targets(*args) == ([], {"same": 1})
+    tries = [text(o) for o in hintsd.generate(model, tok, [ctx] * 3, 12, 1.0, 1.0, 7)]
+    assert any(envs.correction_problem(tasks_by_id[t.task_id], [], a, s.text, "json", 4) is None for a in tries)
+    assert not any(envs.parse_calls(a, "json")[0] for a in tries)
+    assert hintsd.verify_targets(*args, samples=4, seed=7) == ([], {"same": 1})
 
 
 def test_tool_choice_scores_each_name_as_a_plain_forward_would(policy, trajs):
