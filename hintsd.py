@@ -536,11 +536,12 @@ def end_of_turn(tok) -> int:
 
 @torch.no_grad()
 def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, cuda_graphs: bool = True) -> list[Completion]:
-    """Batched sampling from token-id prompts (the replacement for model.generate); row b is seeded by (seed, b)."""
+             top_p: float = 1.0, seed: int = 0, cuda_graphs: bool = True, first_row: int = 0) -> list[Completion]:
+    """Batched sampling from token-id prompts (the replacement for model.generate); row b is seeded by
+    (seed, first_row + b), so a batch cut into parts samples as the whole would."""
     model.eval()
     cache, logits = start(model, prompt_ids_, max_new_tokens)
-    seeds = [seed_of(seed, b) for b in range(len(prompt_ids_))]
+    seeds = [seed_of(seed, first_row + b) for b in range(len(prompt_ids_))]
     return decode_n_tokens(model, cache, logits, seeds, max_new_tokens, temperature, top_p, eos_ids(tok, model),
                            cuda_graphs=cuda_graphs)
 
@@ -757,9 +758,10 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
         ctxs.append(t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.start])
     stops = set(eos_ids(tok, model))
 
-    def actions(ids: list[list[int]], temperature: float) -> list[str]:  # the teacher's action texts
-        with teacher or nullcontext():
-            outs = generate(model, tok, ids, max_new_tokens, temperature, 1.0, seed) if ids else []
+    def actions(ids: list[list[int]], temperature: float) -> list[str]:  # the teacher's action texts, 8 rows a call
+        with teacher or nullcontext():  # (the cache holds every row at full length; 8 = the paper's 2 tasks x 4)
+            outs = [o for i in range(0, len(ids), 8)
+                    for o in generate(model, tok, ids[i:i + 8], max_new_tokens, temperature, 1.0, seed, first_row=i)]
         return [prompts.valid_text(tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stops else o.tokens))
                 for o in outs]
 
@@ -774,7 +776,7 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
 
     whys = [problem(tg, a) for tg, a in zip(targets, actions(ctxs, 0.0))]
     failed = [i for i, why in enumerate(whys) if why] if samples > 1 else []
-    tries = actions([ctxs[i] for i in failed for _ in range(samples - 1)], 1.0)  # one shared prefill per target
+    tries = actions([ctxs[i] for i in failed for _ in range(samples - 1)], 1.0)  # a target's tries share its prefill
     found = {i: next((a for a in tries[n * (samples - 1):(n + 1) * (samples - 1)] if passes(targets[i], a)), None)
              for n, i in enumerate(failed)}
     kept, dropped = [], {}
@@ -1604,7 +1606,9 @@ def step_config(args) -> StepConfig:
 
 def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
     """Refuse to continue a run under settings that change it, naming each difference (unless allowed). The
-    shapes of what is trained (model, LoRA rank and targets, full fine-tuning) can never change."""
+    shapes of what is trained (model, LoRA rank and targets, full fine-tuning) can never change. A setting the
+    checkpoint lacks (added to hintsd.py after it was written) counts as unchanged where it has the value that
+    both presets give it."""
     allowed = {x.lstrip("-").replace("-", "_") for x in allowed}
     if allowed - set(now):
         bad_setting(f"--allow-change: unknown setting(s) {sorted(allowed - set(now))}")
@@ -1612,7 +1616,9 @@ def check_resume(saved: dict, now: dict, allowed: list[str]) -> None:
         bad_setting("--allow-change: model, lora_rank and lora_targets fix the shapes of what is trained; "
                          "a checkpoint cannot continue under other ones")
     free = RESUMABLE - ({"steps", "epochs"} if saved.get("lr_schedule") == "linear" else set())  # the decay's length
-    diff = [k for k in sorted(set(saved) | set(now)) if k not in free and k not in allowed
+    # a setting newer than the checkpoint is unchanged at the value both presets give it (new flags start off there)
+    newer = {k for k in set(now) - set(saved) if PRESETS["paper"].get(k, ...) == PRESETS["cpu"].get(k) == now[k]}
+    diff = [k for k in sorted(set(saved) | set(now)) if k not in free | newer and k not in allowed
             and saved.get(k) != now.get(k)]
     if diff:
         lines = "; ".join(f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)

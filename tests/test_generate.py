@@ -72,6 +72,10 @@ def test_sampling_is_seeded_per_row_and_independent_of_the_batch(tiny):
     alone = row_seeded([[4, 5]], [77])[0]
     mixed = row_seeded([[9, 9, 9], [4, 5], [1]], [5, 77, 6])[1]
     assert alone == mixed
+    # a batch cut into parts (first_row: where a part starts) samples as the whole batch does
+    head = hintsd.generate(tiny, ByteTok(), [[4, 5]] * 3, 8, 1.0, 1.0, seed=3)
+    tail = hintsd.generate(tiny, ByteTok(), [[4, 5]], 8, 1.0, 1.0, seed=3, first_row=3)
+    assert [c.tokens for c in head + tail] == rows
 
 
 def test_inverse_cdf_sampling_and_top_p_keep_only_the_nucleus():

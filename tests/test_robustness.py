@@ -537,6 +537,25 @@ def test_resume_with_only_more_steps_is_accepted(tiny_qwen, run1, tmp_path):
     assert_rows(out, 2)
 
 
+@pytest.mark.parametrize("missing,accepted", [(("verify_samples", "analyzer_tool_pick"), True), (("lr",), False)])
+def test_resume_of_a_checkpoint_older_than_a_setting(tiny_qwen, run1, tmp_path, missing, accepted, capsys):
+    """Item 8: a checkpoint written before a setting existed (the key missing from its settings.json) resumes
+    without --allow-change where the setting has the value both presets give it (the new flags, off); a missing
+    setting the presets disagree on (--lr) is still refused, naming it."""
+    out = copy_run(run1, tmp_path)
+    meta_path = out / "ckpt-000001" / "settings.json"
+    meta = json.loads(meta_path.read_text())
+    meta["settings"] = {k: v for k, v in meta["settings"].items() if k not in missing}
+    meta_path.write_text(json.dumps(meta))
+    if accepted:
+        hintsd.main(cli(tiny_qwen, out, 2, resume=True))
+        assert_rows(out, 2)
+    else:
+        with pytest.raises(SystemExit) as e:
+            hintsd.main(cli(tiny_qwen, out, 2, resume=True))
+        assert e.value.code == 2 and "--lr: checkpoint None" in capsys.readouterr().err
+
+
 def test_allow_change_takes_the_flag_spelling(tiny_qwen, run1, tmp_path):
     """Item 8: the refusal names the flag as --max-new-tokens; --allow-change max-new-tokens (as the flag is
     spelled) must work like --allow-change max_new_tokens."""
