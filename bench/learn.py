@@ -32,12 +32,14 @@ Every --eval-every steps, and at step 0, the trained tasks are evaluated (k roll
 rollout r of a task always seeded by (seed, task, r)); the held-out tasks before and after. The step-0 evaluation
 is the same for every method (same weights, same seeds): it runs once, into OUT/step0.jsonl. An interrupted run
 resumes where it stopped (training from its checkpoints; evaluation points already in curve.jsonl are kept).
-OUT/summary.md holds the table of every method run into OUT (wall time summed over calls), with what the analyzer
-did (failed rollouts analysed, targets, parse failures, targets dropped by replay, how often a first target is
-the oracle's first wrong step, and how often its feedback names the function of the oracle's right call).
+OUT/summary.md holds the table of every method run into OUT (wall time summed over calls, those stopped by Ctrl-C
+or kill included), with what the analyzer did (failed rollouts analysed, targets, parse failures, targets dropped
+by replay, how often a first target is the oracle's first wrong step, and how often its feedback names the
+function of the oracle's right call).
 """
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -140,6 +142,28 @@ def row_of(out: Path, method: str, by_id: dict) -> str:
     return line
 
 
+def run_method(a, out: Path, method: str, points: list[int], extra: list[str]) -> None:
+    """Train one method to each evaluation point and evaluate it there, skipping what curve.jsonl already holds."""
+    run, curve, step0 = out / method / "run", out / method / "curve.jsonl", out / "step0.jsonl"
+    done = {(r["step"], r["set"]) for r in map(json.loads, curve.open())} if curve.exists() else set()
+    for step in points if METHODS[method] else [0]:
+        if METHODS[method] and step and not (run / f"ckpt-{step:06d}").exists():
+            train_to(a, run, method, step, extra)
+        for name, ids, split in (("trained", a.train, "train"), ("held-out", a.held_out, "test")):
+            if (step, name) in done or (name == "held-out" and step not in (0, a.steps)):
+                continue
+            # the base model's evaluation is the same for every method (same weights, same seeds): run once
+            shared = [r for r in map(json.loads, step0.open()) if r["set"] == name] if step0.exists() else []
+            row = shared[0] if step == 0 and shared else {"step": step, "set": name,
+                                                          **evaluate(a, run, step, ids, split)}
+            if step == 0 and not shared:
+                with step0.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            with curve.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{method} step {step} {name}: {row['successes']}/{row['rollouts']} {row['per_task']}", flush=True)
+
+
 def main():
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -161,35 +185,19 @@ def main():
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     hintsd.check_model_name(ap, a.model)
     out = hintsd.check_out_dir(ap, a.out)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill: exit through the finally that logs the time
     if {"hintsd-larger", "hintsd-larger-tool"} & set(a.methods):
         larger_analyzer.build()
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
-    step0 = out / "step0.jsonl"  # the base model's evaluation: the same for every method (same weights, same seeds)
     by_id, summary_rows = {t["id"]: t for t in envs.load_tasks("bfcl", "train", 1)}, {}  # this call's rows
     for method in a.methods:
-        run = out / method / "run"
         (out / method).mkdir(exist_ok=True)
-        curve = out / method / "curve.jsonl"
-        done = {(r["step"], r["set"]) for r in map(json.loads, curve.open())} if curve.exists() else set()
         t0 = time.time()
-        for step in points if METHODS[method] else [0]:
-            if METHODS[method] and step and not (run / f"ckpt-{step:06d}").exists():
-                train_to(a, run, method, step, extra)
-            for name, ids, split in (("trained", a.train, "train"), ("held-out", a.held_out, "test")):
-                if (step, name) in done or (name == "held-out" and step not in (0, a.steps)):
-                    continue
-                shared = [r for r in map(json.loads, step0.open()) if r["set"] == name] if step0.exists() else []
-                row = shared[0] if step == 0 and shared else {"step": step, "set": name,
-                                                              **evaluate(a, run, step, ids, split)}
-                if step == 0 and not shared:
-                    with step0.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                with curve.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{method} step {step} {name}: {row['successes']}/{row['rollouts']} {row['per_task']}",
-                      flush=True)
-        with (out / method / "minutes.txt").open("a") as f:  # wall time of each call (a resumed run has several)
-            f.write(f"{(time.time() - t0) / 60:.1f}\n")
+        try:
+            run_method(a, out, method, points, extra)
+        finally:  # the wall time of each call, one stopped by Ctrl-C or kill too (a resumed run has several)
+            with (out / method / "minutes.txt").open("a") as f:
+                f.write(f"{(time.time() - t0) / 60:.1f}\n")
         summary_rows[method] = row_of(out, method, by_id)
         print(summary_rows[method], flush=True)
     summary = [summary_rows.get(m) or row_of(out, m, by_id) for m in METHODS if (out / m / "curve.jsonl").exists()]
