@@ -185,7 +185,8 @@ def main():
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     hintsd.check_model_name(ap, a.model)
     out = hintsd.check_out_dir(ap, a.out)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill: exit through the finally that logs the time
+    # kill: exit through the finally that logs the time; subprocess.run then kills the training process too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if {"hintsd-larger", "hintsd-larger-tool"} & set(a.methods):
         larger_analyzer.build()
     points = sorted({0, *range(a.eval_every, a.steps, a.eval_every), a.steps})
