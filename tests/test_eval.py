@@ -1,5 +1,7 @@
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,12 +88,9 @@ def test_efficiency_table_ratios_to_hintsd():
     assert lines[4].startswith("| grpo | 10.0 | 0.0 | 0.0 | 10.0 | 0.50x | 2.00 | 0.50x | 0 | 0.00x |")
 
 
-
 def test_learn_logs_the_wall_time_of_a_call_stopped_by_kill(tmp_path, monkeypatch):
     """bench/learn.py: a call stopped by kill (SIGTERM) still appends its minutes to minutes.txt, which the summary
     sums over calls; before, a stopped call left no record. The kill lands during the step-0 evaluation."""
-    import signal
-    import sys
     from bench import learn
     monkeypatch.setattr(learn, "evaluate", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
     monkeypatch.setattr(sys, "argv", ["learn.py", "--methods", "grpo", "--out", str(tmp_path)])
@@ -105,6 +104,7 @@ def test_learn_logs_the_wall_time_of_a_call_stopped_by_kill(tmp_path, monkeypatc
     minutes = (tmp_path / "grpo" / "minutes.txt").read_text().split()
     assert len(minutes) == 1 and 0 <= float(minutes[0]) < 5
     assert not (tmp_path / "grpo" / "curve.jsonl").exists() and not (tmp_path / "step0.jsonl").exists()
+
 
 BAD_FLAGS = [
     (["--k", "0"], "argument --k: must be >= 1"),
