@@ -11,7 +11,7 @@ Reading order. The method, in the order a step runs:
   3. the generator    KVCache (a length per row), kv_attention, start / prefill / decode_n_tokens / sample
   4. signals          learning_signal(): HINT-SD's hindsight (select_targets, verify_targets), then the baselines'
                       (SDPO, OpenClaw, GRPO, SFT)
-  5. mask, teacher    action_tokens(): which tokens a loss trains; teacher_contexts(): the feedback inserted
+  5. mask, teacher    action_tokens(): which tokens a loss trains; teacher_view(): the feedback inserted
   6. packed loss      pack(): shared prefixes run once; task_loss(): KL, then the baselines' PG and CE; update()
   7. LoRA, EMA        LoRALinear, add_lora, Shadow (a second set of adapter values: the EMA teacher)
   8. training step    train_step(): rollouts -> signal -> loss -> AdamW -> EMA
@@ -752,18 +752,7 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
     would not write it greedily. (A reply without a call passes replay: nothing runs; found by sampling, it is more
     often a way out than a correction.) Returns the kept targets and {reason: count} dropped (the greedy action's
     reason)."""
-    ctxs = []
-    for tg in targets:
-        t, s = trajs[tg.traj], trajs[tg.traj].steps[tg.step]
-        ctxs.append(t.tokens[:s.header] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[s.header:s.start])
-    stops = set(eos_ids(tok, model))
-
-    def actions(ids: list[list[int]], temperature: float) -> list[str]:  # the teacher's action texts, 8 rows a call
-        with teacher or nullcontext():  # (the cache holds every row at full length; 8 = the paper's 2 tasks x 4)
-            outs = [o for i in range(0, len(ids), 8)
-                    for o in generate(model, tok, ids[i:i + 8], max_new_tokens, temperature, 1.0, seed, first_row=i)]
-        return [prompts.valid_text(tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stops else o.tokens))
-                for o in outs]
+    ctxs = [teacher_view(tok, trajs[tg.traj], tg, trajs[tg.traj].steps[tg.step].start) for tg in targets]
 
     def problem(tg: Target, text: str) -> str | None:
         t = trajs[tg.traj]
@@ -774,9 +763,11 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
         bfcl = tasks_by_id[trajs[tg.traj].task_id].get("bench") != "appworld"
         return (not bfcl or bool(envs.parse_calls(text, action_format, protocol)[0])) and not problem(tg, text)
 
-    whys = [problem(tg, a) for tg, a in zip(targets, actions(ctxs, 0.0))]
+    greedy = teacher_actions(model, tok, ctxs, 0.0, teacher, max_new_tokens, seed)
+    whys = [problem(tg, a) for tg, a in zip(targets, greedy)]
     failed = [i for i, why in enumerate(whys) if why] if samples > 1 else []
-    tries = actions([ctxs[i] for i in failed for _ in range(samples - 1)], 1.0)  # a target's tries share its prefill
+    tries = teacher_actions(model, tok, [ctxs[i] for i in failed for _ in range(samples - 1)], 1.0, teacher,
+                            max_new_tokens, seed)  # a target's tries share its prefill
     found = {i: next((a for a in tries[n * (samples - 1):(n + 1) * (samples - 1)] if passes(targets[i], a)), None)
              for n, i in enumerate(failed)}
     kept, dropped = [], {}
@@ -790,6 +781,17 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
     return kept, dropped
 
 VERIFIED = "\nAn action that runs here without an error: "  # how verify_targets quotes a sampled action
+
+def teacher_actions(model, tok, ctxs: list[list[int]], temperature: float, teacher=None, max_new_tokens: int = 64,
+                    seed: int = 0) -> list[str]:
+    """The action texts the teacher (a Shadow, or the model itself when None) writes after each context, eight rows
+    a call (the cache holds every row at full length; 8 = the paper's 2 tasks x 4 rollouts)."""
+    stops = set(eos_ids(tok, model))
+    with teacher or nullcontext():
+        outs = [o for i in range(0, len(ctxs), 8)
+                for o in generate(model, tok, ctxs[i:i + 8], max_new_tokens, temperature, 1.0, seed, first_row=i)]
+    return [prompts.valid_text(tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stops else o.tokens))
+            for o in outs]
 
 
 # --- the baselines' signals: SDPO, OpenClaw, GRPO, SFT
@@ -860,23 +862,29 @@ def action_tokens(steps: list[Step]) -> list[int]:
     # is student_logits[:, :-1][mask] with mask[j - 1] true exactly for these j (mask = labels[:, 1:] != -100).
     return [i for s in steps for i in range(s.start, s.end)]
 
+def teacher_view(tok, t: Trajectory, tg: Target, end: int) -> list[int]:
+    """Target tg's teacher context through token position end: t's ids up to the feedback's place (the header of
+    tg's step, or of tg.at_step), the feedback message, then t's ids on to end."""
+    cut = t.steps[tg.step if tg.at_step is None else tg.at_step].header
+    return t.tokens[:cut] + prompts.feedback_ids(tok, tg.feedback) + t.tokens[cut:end]
+
 def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_len: int):
-    """Teacher contexts: the rollout's ids up to the feedback's place, the feedback message, the rollout's ids
-    through the action; targets sharing (trajectory, place, feedback) share one. Returns the contexts, the rows to
-    read in each (its targets' action tokens, shifted), the targets served, and how many passed max_len."""
+    """Teacher contexts: each through its targets' actions; targets sharing (trajectory, feedback place, feedback)
+    share one. Returns the contexts, the rows to read in each (its targets' action tokens, shifted by the
+    feedback's length), the targets served, and how many passed max_len."""
     groups: dict[tuple, list[Target]] = {}
-    for tg in targets:  # cut: the token position where the feedback goes (a step's header)
-        cut = trajs[tg.traj].steps[tg.step if tg.at_step is None else tg.at_step].header
-        groups.setdefault((tg.traj, cut, tg.feedback), []).append(tg)
+    for tg in targets:
+        groups.setdefault((tg.traj, tg.step if tg.at_step is None else tg.at_step, tg.feedback), []).append(tg)
     ctxs, rows, served, skipped = [], [], [], 0
-    for (i, cut, text), tgs in groups.items():
-        t, fb = trajs[i], prompts.feedback_ids(tok, text)
+    for (i, _, _), tgs in groups.items():
+        t = trajs[i]
         end = max(t.steps[tg.step].end for tg in tgs)
-        if end + len(fb) > max_len:
+        ctx = teacher_view(tok, t, tgs[0], end)
+        if len(ctx) > max_len:
             skipped += len(tgs)
             continue
-        ctxs.append(t.tokens[:cut] + fb + t.tokens[cut:end])
-        rows.append([j + len(fb) - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
+        ctxs.append(ctx)
+        rows.append([j + len(ctx) - end - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
         served.append(tgs)
     return ctxs, rows, served, skipped
 

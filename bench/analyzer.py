@@ -5,6 +5,7 @@
     python bench/analyzer.py                      # the same, each target also replay-verified (2-3 hours)
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
+    python bench/analyzer.py --follow             # would the teacher call the right tool if told it? (~5 min)
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
     python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick (~50 min)
 
@@ -31,6 +32,8 @@ oracle's function; "calibrated" subtracts each name's score in the same view wit
 content-free prior against the model's preference for some names whatever the request, Zhao et al. 2021);
 "policy" scores the names in the policy's own context at that step, after '{"name": "' (what the policy would call
 if its call were restricted to the real tools).
+--follow asks the other half: at the oracle's step, does the teacher (the initial policy, greedy) call the oracle's
+function with no feedback, with that tool's name as the feedback, with the oracle's own feedback (see follow()).
 """
 import argparse
 import json
@@ -91,7 +94,7 @@ def oracle_of(task, steps: list[tuple[int, str]]) -> tuple[int | None, str | Non
     if not found:
         return None, None
     step, text = found[0]
-    name = re.search(r'"name": "([^"]+)"', text)
+    name = re.search(r'"name": "([^"]+)"', text.partition("The right call is:")[2])  # not the quoted wrong call
     return step - 1, name[1] if name else None
 
 
@@ -135,6 +138,44 @@ def tool_choice(model, tok, trajs, oracle, external=None) -> None:
           f"; {n - own} rollouts had called another function there, and the policy's pick was right in {fixed}")
 
 
+def follow(model, tok, trajs, tasks_by_id) -> None:
+    """The --follow probe: given feedback at the oracle's step that names the right tool, does the teacher (the
+    initial policy with the feedback in view, greedy) call it? Per rollout, three teacher actions at that step:
+    with no feedback (the student's own greedy action), with the right tool's name only (what a perfect tool pick
+    would give: 'The agent should call the tool "<fn>".'), with the oracle's feedback (the right call, arguments
+    and all). Each is scored: it calls the oracle's function; it passes replay (envs.correction_problem)."""
+    rows, keys = [], ("none", "name", "oracle")
+    for i, t in enumerate(trajs):
+        steps = [(s.turn, s.text) for s in t.steps]
+        step, fn = oracle_of(tasks_by_id[t.task_id], steps)
+        if fn:
+            rows.append((i, step, fn, envs.oracle_feedback(tasks_by_id[t.task_id], steps, "json", "friendly")[0][1]))
+    ctxs = []
+    for i, step, fn, oracle_text in rows:
+        t = trajs[i]
+        ctxs += [t.tokens[:t.steps[step].start]] + [
+            hintsd.teacher_view(tok, t, hintsd.Target(i, step, fb), t.steps[step].start)
+            for fb in (f'The agent should call the tool "{fn}".', oracle_text)]
+    acts = hintsd.teacher_actions(model, tok, ctxs, 0.0)
+    calls = {k: 0 for k in keys}
+    replays = {k: 0 for k in keys}
+    for r, (i, step, fn, _) in enumerate(rows):
+        t, three = trajs[i], acts[3 * r:3 * r + 3]
+        task, earlier = tasks_by_id[t.task_id], [s.text for s in t.steps[:step]]
+        for k, a in zip(keys, three):
+            names = [c for c, _ in envs.parse_calls(a, "json", "friendly")[0]]
+            calls[k] += fn in names
+            replays[k] += envs.correction_problem(task, earlier, a, t.steps[step].text, "json", 3) is None
+        print(f"  {t.task_id} step {step + 1}: oracle {fn}; " +
+              "; ".join(f"{k}: {a[:90]!r}" for k, a in zip(keys, three)), flush=True)
+    n = max(len(rows), 1)
+    print(f"\n{len(rows)} rollouts where the oracle names a function\n")
+    print("| feedback at the oracle's step | the teacher calls the right function | its action passes replay |")
+    print("|---|---|---|")
+    for k in keys:
+        print(f"| {k} | {calls[k]} ({100 * calls[k] / n:.0f}%) | {replays[k]} ({100 * replays[k] / n:.0f}%) |")
+
+
 def score(trajs, answers_targets: list[list], oracle: list, executable: list[bool] | None) -> dict:
     """The four shares (percent) over the rollouts; answers_targets[i]: the targets (Target) of rollout i."""
     n = len(trajs)
@@ -163,6 +204,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tool-choice", action="store_true",
                     help="only the tool-choice probe: the best-scored name of the tool list against the oracle's")
+    ap.add_argument("--follow", action="store_true",
+                    help="only the follow probe: does the teacher call the right tool when the feedback names it?")
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="also replay-verify every target (the executable column and the +verify rows; slow)")
     a = ap.parse_args()
@@ -179,6 +222,8 @@ def main():
           f"dtype {next(model.parameters()).dtype}", flush=True)
     if a.tool_choice:
         return tool_choice(model, tok, trajs, oracle, external)
+    if a.follow:
+        return follow(model, tok, trajs, tasks_by_id)
     rows = []
     for name in a.settings:
         style, temp, top_p, tokens, parser, forced, tool_pick = SETTINGS[name]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import envs
 import eval as ev
 import hintsd
 
@@ -86,6 +87,20 @@ def test_efficiency_table_ratios_to_hintsd():
     assert lines[2] == "| hintsd | 10.0 | 5.0 | 5.0 | 20.0 | 1.00x | 4.00 | 1.00x | 100 | 1.00x | 0/2 |"
     assert lines[3] == "| sdpo | 10.0 | 5.0 | 25.0 | 40.0 | 2.00x | 6.00 | 1.50x | 400 | 4.00x | 0/2 |"
     assert lines[4].startswith("| grpo | 10.0 | 0.0 | 0.0 | 10.0 | 0.50x | 2.00 | 0.50x | 0 | 0.00x |")
+
+
+def test_analyzer_bench_scores_the_right_call_not_the_quoted_wrong_one():
+    """bench/analyzer.py's oracle_of (the bench's and learn.py's "right function"): the oracle's feedback on a call
+    that does not parse quotes that call before the right one; the function scored is the right call's
+    (multi_turn_base_158 starts with verify_traveler_information). Before, the quoted call's name was taken."""
+    from bench import analyzer
+    task = envs.load_tasks("bfcl", "train", 1, ["multi_turn_base_158"])[0]
+    broken = '{"name": "authenticate_travel", "arguments": {"client_id": "x"'
+    assert envs.oracle_feedback(task, [(0, broken)])[0][1].startswith("Your call could not be run")
+    assert analyzer.oracle_of(task, [(0, broken)]) == (0, "verify_traveler_information")
+    wrong = '{"name": "authenticate_travel", "arguments": {"client_id": "x"}}'
+    assert analyzer.oracle_of(task, [(0, wrong)]) == (0, "verify_traveler_information")
+    assert analyzer.oracle_of(task, []) == (None, None)
 
 
 def test_learn_logs_the_wall_time_of_a_call_stopped_by_kill(tmp_path, monkeypatch):

@@ -431,3 +431,18 @@ def test_tool_choice_scores_each_name_as_a_plain_forward_would(policy, trajs):
         with torch.no_grad():
             lp = model(torch.tensor([view + tail])).logits[0, len(view) - 1:-1].float().log_softmax(-1)
         assert got[name] == pytest.approx(lp.gather(1, torch.tensor(tail)[:, None]).sum().item(), abs=1e-3)
+
+
+def test_follow_probe_scores_three_teacher_actions_per_rollout(policy, trajs, capsys):
+    """bench/analyzer.py --follow: per rollout whose oracle names a function, the teacher's action with no feedback,
+    with the tool's name, with the oracle's feedback; the table counts each over those rollouts."""
+    from bench import analyzer
+    model, tok = policy
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
+    named = [t for t in trajs if analyzer.oracle_of(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps])[1]]
+    analyzer.follow(model, tok, trajs, tasks_by_id)
+    out = capsys.readouterr().out
+    assert named and f"{len(named)} rollouts where the oracle names a function" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| none", "| name", "| oracle"))]
+    assert [r[0] for r in rows] == ["| none", "| name", "| oracle"]
+    assert all(0 <= int(c.split()[0]) <= len(named) for r in rows for c in r[1:])
