@@ -11,7 +11,8 @@ Reading order. The method, in the order a step runs:
   3. the generator    KVCache (a length per row), kv_attention, start / prefill / decode_n_tokens / sample
   4. signals          learning_signal(): HINT-SD's hindsight (select_targets, verify_targets), then the baselines'
                       (SDPO, OpenClaw, GRPO, SFT)
-  5. mask, teacher    action_tokens(): which tokens a loss trains; teacher_view(): the feedback inserted
+  5. mask, teacher    action_tokens(): which tokens a loss trains; teacher_view(), teacher_contexts(): the feedback
+                      inserted
   6. packed loss      pack(): shared prefixes run once; task_loss(): KL, then the baselines' PG and CE; update()
   7. LoRA, EMA        LoRALinear, add_lora, Shadow (a second set of adapter values: the EMA teacher)
   8. training step    train_step(): rollouts -> signal -> loss -> AdamW -> EMA
@@ -884,7 +885,8 @@ def teacher_contexts(tok, trajs: list[Trajectory], targets: list[Target], max_le
             skipped += len(tgs)
             continue
         ctxs.append(ctx)
-        rows.append([j + len(ctx) - end - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
+        shift = len(ctx) - end  # the feedback's length: token j of the rollout sits at j + shift in ctx
+        rows.append([j + shift - 1 for j in action_tokens([t.steps[tg.step] for tg in tgs])])
         served.append(tgs)
     return ctxs, rows, served, skipped
 
