@@ -91,11 +91,14 @@ def oracle_of(task, steps: list[tuple[int, str]]) -> tuple[int | None, str | Non
     """(the oracle's first wrong step, 0-based, or None; the function of its right call, or None) for the rollout
     whose steps are [(turn, action text)]."""
     found = envs.oracle_feedback(task, steps, "json", "friendly")
-    if not found:
-        return None, None
-    step, text = found[0]
-    name = re.search(r'"name": "([^"]+)"', text.partition("The right call is:")[2])  # not the quoted wrong call
-    return step - 1, name[1] if name else None
+    return (found[0][0] - 1, right_function(found[0][1])) if found else (None, None)
+
+
+def right_function(text: str) -> str | None:
+    """The function of the right call in an oracle feedback text: the one after "The right call is:", not the
+    broken call the text may quote before it."""
+    name = re.search(r'"name": "([^"]+)"', text.partition("The right call is:")[2])
+    return name[1] if name else None
 
 
 def tool_scores(model, tok, ids: list[int], names: list[str]) -> dict[str, float]:
@@ -146,10 +149,10 @@ def follow(model, tok, trajs, tasks_by_id) -> None:
     and all). Each is scored: it calls the oracle's function; it passes replay (envs.correction_problem)."""
     rows, keys = [], ("none", "name", "oracle")
     for i, t in enumerate(trajs):
-        steps = [(s.turn, s.text) for s in t.steps]
-        step, fn = oracle_of(tasks_by_id[t.task_id], steps)
+        found = envs.oracle_feedback(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps], "json", "friendly")
+        fn = right_function(found[0][1]) if found else None
         if fn:
-            rows.append((i, step, fn, envs.oracle_feedback(tasks_by_id[t.task_id], steps, "json", "friendly")[0][1]))
+            rows.append((i, found[0][0] - 1, fn, found[0][1]))
     ctxs = []
     for i, step, fn, oracle_text in rows:
         t = trajs[i]
