@@ -600,7 +600,7 @@ def learning_signal(run: Run, cfg: StepConfig, step: int, trajs: list[Trajectory
             h.targets, h.dropped = verify_targets(
                 model, tok, trajs, h.targets, run.shadows["ema"] if cfg.teacher == "ema" else None, tasks_by_id,
                 cfg.sampling.max_new_tokens, cfg.action_format, cfg.action_protocol, cfg.max_env_steps,
-                cfg.analyzer.verify_samples, seed_of(cfg.seed, step, "replay"))
+                cfg.analyzer.verify_samples, seed_of(cfg.seed, step, "replay"), cfg.sampling.max_len)
         sig.targets = h.targets if cfg.method == "hintsd" else sdpo_targets(trajs, h.targets)
         answers, failures, dropped = h.answers, h.parse_failures, h.dropped if cfg.analyzer.verify else None
     elif cfg.method == "openclaw":  # hints are distilled; the +-1 scores are per-step advantages
@@ -744,16 +744,20 @@ def name_logprobs(model, views: list[list[int]], names: list[list[int]]) -> torc
 
 def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], teacher, tasks_by_id: dict,
                    max_new_tokens: int, action_format: str, protocol: str, max_env_steps: int | None,
-                   samples: int = 1, seed: int = 0) -> tuple[list[Target], dict]:
+                   samples: int = 1, seed: int = 0, max_len: int | None = None) -> tuple[list[Target], dict]:
     """Beyond the paper: corrections checked by replay. At each target the teacher (feedback in view) writes its own
     action greedily; the environment is replayed to the step and runs it (envs.correction_problem). A target is
     dropped when that action does not parse, calls an unknown function, gets an error, or is the student's own.
     samples > 1: a target whose greedy action fails gets samples - 1 more tries, sampled at temperature 1; the first
     that passes and (BFCL) calls a function keeps it, quoted at the end of its feedback (VERIFIED), since the teacher
     would not write it greedily. (A reply without a call passes replay: nothing runs; found by sampling, it is more
-    often a way out than a correction.) Returns the kept targets and {reason: count} dropped (the greedy action's
-    reason)."""
-    ctxs = [teacher_view(tok, trajs[tg.traj], tg, trajs[tg.traj].steps[tg.step].start) for tg in targets]
+    often a way out than a correction.) A target whose teacher context through its action passes max_len is not
+    replayed: the loss skips it (teacher_contexts) and counts it there. Returns the kept targets and {reason: count}
+    dropped (the greedy action's reason)."""
+    step = lambda tg: trajs[tg.traj].steps[tg.step]  # noqa: E731
+    ctxs = [teacher_view(tok, trajs[tg.traj], tg, step(tg).start) for tg in targets]
+    check = [i for i, (tg, c) in enumerate(zip(targets, ctxs))  # the targets whose context the loss can take
+             if max_len is None or len(c) + step(tg).end - step(tg).start <= max_len]
 
     def problem(tg: Target, text: str) -> str | None:
         t = trajs[tg.traj]
@@ -764,21 +768,21 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
         bfcl = tasks_by_id[trajs[tg.traj].task_id].get("bench") != "appworld"
         return (not bfcl or bool(envs.parse_calls(text, action_format, protocol)[0])) and not problem(tg, text)
 
-    greedy = teacher_actions(model, tok, ctxs, 0.0, teacher, max_new_tokens, seed)
-    whys = [problem(tg, a) for tg, a in zip(targets, greedy)]
-    failed = [i for i, why in enumerate(whys) if why] if samples > 1 else []
+    greedy = teacher_actions(model, tok, [ctxs[i] for i in check], 0.0, teacher, max_new_tokens, seed)
+    whys = dict.fromkeys(range(len(targets))) | {i: problem(targets[i], a) for i, a in zip(check, greedy)}
+    failed = [i for i in check if whys[i]] if samples > 1 else []
     tries = teacher_actions(model, tok, [ctxs[i] for i in failed for _ in range(samples - 1)], 1.0, teacher,
                             max_new_tokens, seed)  # a target's tries share its prefill
     found = {i: next((a for a in tries[n * (samples - 1):(n + 1) * (samples - 1)] if passes(targets[i], a)), None)
              for n, i in enumerate(failed)}
     kept, dropped = [], {}
-    for i, (tg, why) in enumerate(zip(targets, whys)):
-        if not why:
+    for i, tg in enumerate(targets):
+        if not whys[i]:
             kept.append(tg)
         elif found.get(i) is not None:
             kept.append(Target(tg.traj, tg.step, tg.feedback.strip() + VERIFIED + found[i], tg.at_step))
         else:
-            dropped[why] = dropped.get(why, 0) + 1
+            dropped[whys[i]] = dropped.get(whys[i], 0) + 1
     return kept, dropped
 
 VERIFIED = "\nAn action that runs here without an error: "  # how verify_targets quotes a sampled action

@@ -396,6 +396,33 @@ def test_verify_targets_keeps_what_replays_cleanly_and_counts_the_rest(policy, t
         assert (tg in kept) == (why is None)
 
 
+def test_verify_targets_leaves_a_target_the_loss_will_skip_unreplayed(policy, trajs):
+    """A target whose teacher context through its action passes max_len is not replayed (the loss skips it and counts
+    it there: teacher_contexts), so it is kept as it is, whatever its replay would say; the others are judged as
+    without the bound. (The longest target is made to fail replay: its student action is the teacher's own, "same".)"""
+    model, tok = policy
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
+    trajs = copy.deepcopy(trajs)
+    targets = [hintsd.Target(i, j, "You should call ls.") for i, t in enumerate(trajs) for j in range(len(t.steps))]
+    ctxs = hintsd.teacher_contexts(tok, trajs, targets, 1 << 30)[0]  # one per target, through its action
+    lens = [len(c) for c in ctxs]
+    views = [c[:n - (trajs[tg.traj].steps[tg.step].end - trajs[tg.traj].steps[tg.step].start)]
+             for tg, c, n in zip(targets, ctxs, lens)]  # through the action's start: what the teacher continues
+    longest = lens.index(max(lens))
+    trajs[targets[longest].traj].steps[targets[longest].step].text = hintsd.teacher_actions(
+        model, tok, views, 0.0, None, 12)[longest]
+    args = (model, tok, trajs, targets, None, tasks_by_id, 12, "json", "friendly", 4)
+    kept, dropped = hintsd.verify_targets(*args)
+    assert targets[longest] not in kept and dropped["same"] >= 1
+    bound = max(lens) - 1
+    long = [tg for tg, n in zip(targets, lens) if n > bound]
+    kept_b, dropped_b = hintsd.verify_targets(*args, max_len=bound)
+    assert hintsd.teacher_contexts(tok, trajs, long, bound)[3] == len(long)  # the loss skips them
+    assert all(tg in kept_b for tg in long)
+    assert [tg for tg in kept_b if tg not in long] == [tg for tg in kept if tg not in long]
+    assert sum(dropped_b.values()) == sum(dropped.values()) - sum(tg not in kept for tg in long)
+
+
 def test_verify_samples_need_a_call_that_replays_cleanly(policy, trajs):
     """--verify-samples 4 with the tiny random policy: a target whose greedy action fails replay (here: the student's
     own text is made the teacher's greedy action, "same") gets 3 actions sampled at temperature 1. They replay
