@@ -404,10 +404,8 @@ def test_verify_targets_leaves_a_target_the_loss_will_skip_unreplayed(policy, tr
     tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
     trajs = copy.deepcopy(trajs)
     targets = [hintsd.Target(i, j, "You should call ls.") for i, t in enumerate(trajs) for j in range(len(t.steps))]
-    ctxs = hintsd.teacher_contexts(tok, trajs, targets, 1 << 30)[0]  # one per target, through its action
-    lens = [len(c) for c in ctxs]
-    views = [c[:n - (trajs[tg.traj].steps[tg.step].end - trajs[tg.traj].steps[tg.step].start)]
-             for tg, c, n in zip(targets, ctxs, lens)]  # through the action's start: what the teacher continues
+    lens = [len(c) for c in hintsd.teacher_contexts(tok, trajs, targets, 1 << 30)[0]]  # one per target, to its end
+    views = [hintsd.teacher_view(tok, trajs[tg.traj], tg, trajs[tg.traj].steps[tg.step].start) for tg in targets]
     longest = lens.index(max(lens))
     trajs[targets[longest].traj].steps[targets[longest].step].text = hintsd.teacher_actions(
         model, tok, views, 0.0, None, 12)[longest]
