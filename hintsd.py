@@ -756,8 +756,8 @@ def verify_targets(model, tok, trajs: list[Trajectory], targets: list[Target], t
     dropped (the greedy action's reason)."""
     step = lambda tg: trajs[tg.traj].steps[tg.step]  # noqa: E731
     ctxs = [teacher_view(tok, trajs[tg.traj], tg, step(tg).start) for tg in targets]
-    check = [i for i, (tg, c) in enumerate(zip(targets, ctxs))  # the targets whose context the loss can take
-             if max_len is None or len(c) + step(tg).end - step(tg).start <= max_len]
+    check = [i for i, tg in enumerate(targets)  # the targets whose context the loss can take (its own rule)
+             if max_len is None or not teacher_contexts(tok, trajs, [tg], max_len)[3]]
 
     def problem(tg: Target, text: str) -> str | None:
         t = trajs[tg.traj]
