@@ -793,7 +793,7 @@ def teacher_actions(model, tok, ctxs: list[list[int]], temperature: float, teach
     a call (the cache holds every row at full length; 8 = the paper's 2 tasks x 4 rollouts)."""
     stops = set(eos_ids(tok, model))
     with teacher or nullcontext():
-        outs = [o for i in range(0, len(ctxs), 8)
+        outs = [o for i in tqdm(range(0, len(ctxs), 8), "  teacher actions", leave=False)
                 for o in generate(model, tok, ctxs[i:i + 8], max_new_tokens, temperature, 1.0, seed, first_row=i)]
     return [prompts.valid_text(tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stops else o.tokens))
             for o in outs]

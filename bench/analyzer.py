@@ -8,6 +8,7 @@
     python bench/analyzer.py --follow             # would the teacher call the right tool if told it? (~5 min)
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
     python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick (~50 min)
+    python bench/analyzer.py --settings env --verify-samples 4   # the environment's error text, replay-verified
 
 The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with
 the cpu preset's rollout settings (friendly protocol, 4 rollouts a task at temperature 0.6, 3 env steps, 64 new
@@ -23,8 +24,9 @@ and the right call there):
                 and gets no error back when the environment is replayed to it and runs it (hintsd.verify_targets)
 Settings (rows): compact = the cpu preset's analyzer (compact prompt, greedy, 128 tokens, lenient parser);
 authors = the paper's (the authors' view with the tool schemas, temperature 0.6, top-p 0.95, 512 tokens, strict
-parser); +forced = --analyzer-forced; +tool = --analyzer-tool-pick; +verify = the same answers with
---verify-targets applied (its scores are over the targets replay kept).
+parser); +forced = --analyzer-forced; +tool = --analyzer-tool-pick; env = no analyzer, the environment's answer of
+the first failing steps (Table 3's env source); +verify = the same answers with --verify-targets applied (its scores
+are over the targets replay kept; with --verify-samples N, a kept sampled action is quoted in its feedback).
 --tool-choice asks whether a constraint on the feedback's function name could help: after the authors' view and
 '{"failures": [{"step": <the oracle's step>, "feedback": "The agent should call the tool "', each tool of the
 rollout's list is scored by its log-probability (name and closing quote), and the best one is compared with the
@@ -55,12 +57,13 @@ ROLLOUTS = ROOT / "bench" / "analyzer_rollouts.jsonl"
 TASKS = ["multi_turn_base_93", "multi_turn_base_146", "multi_turn_base_105", "multi_turn_base_115",
          "multi_turn_base_118", "multi_turn_base_127", "multi_turn_base_25", "multi_turn_base_9", "multi_turn_base_37",
          "multi_turn_base_66", "multi_turn_base_164", "multi_turn_base_158"]  # 4 API classes
-SETTINGS = {  # name: (analyzer prompt, temperature, top-p, tokens, parser, forced, tool pick)
-    "compact": ("compact", 0.0, 1.0, 128, "lenient", False, False),
-    "authors": ("authors", 0.6, 0.95, 512, "strict", False, False),
-    "authors+forced": ("authors", 0.6, 0.95, 512, "strict", True, False),
-    "compact+forced": ("compact", 0.0, 1.0, 128, "lenient", True, False),
-    "authors+forced+tool": ("authors", 0.6, 0.95, 512, "strict", True, True),
+SETTINGS = {  # name: (source, analyzer prompt, temperature, top-p, tokens, parser, forced, tool pick)
+    "compact": ("policy", "compact", 0.0, 1.0, 128, "lenient", False, False),
+    "authors": ("policy", "authors", 0.6, 0.95, 512, "strict", False, False),
+    "authors+forced": ("policy", "authors", 0.6, 0.95, 512, "strict", True, False),
+    "compact+forced": ("policy", "compact", 0.0, 1.0, 128, "lenient", True, False),
+    "authors+forced+tool": ("policy", "authors", 0.6, 0.95, 512, "strict", True, True),
+    "env": ("env", "compact", 0.0, 1.0, 0, "lenient", False, False),  # no analyzer: the environment's own answer
 }
 SAMPLING = hintsd.SamplingConfig(max_new_tokens=64, temperature=0.6, max_len=8192)
 
@@ -179,6 +182,13 @@ def follow(model, tok, trajs, tasks_by_id) -> None:
         print(f"| {k} | {calls[k]} ({100 * calls[k] / n:.0f}%) | {replays[k]} ({100 * replays[k] / n:.0f}%) |")
 
 
+def after_replay(per: list[list], kept: list) -> list[list]:
+    """per[i]: rollout i's targets; kept: those verify_targets kept, where a target rescued by a sampled try is a new
+    Target (its feedback quotes the try) -> rollout i's kept targets, in per's order, as kept (quote and all)."""
+    by_place = {(tg.traj, tg.step): tg for tg in kept}
+    return [[by_place[tg.traj, tg.step] for tg in p if (tg.traj, tg.step) in by_place] for p in per]
+
+
 def score(trajs, answers_targets: list[list], oracle: list, executable: list[bool] | None) -> dict:
     """The four shares (percent) over the rollouts; answers_targets[i]: the targets (Target) of rollout i."""
     n = len(trajs)
@@ -211,6 +221,9 @@ def main():
                     help="only the follow probe: does the teacher call the right tool when the feedback names it?")
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="also replay-verify every target (the executable column and the +verify rows; slow)")
+    ap.add_argument("--verify-samples", type=int, default=1,
+                    help="with --verify: a target whose greedy correction fails gets N - 1 sampled tries "
+                         "(hintsd's --verify-samples)")
     a = ap.parse_args()
     dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
     model, tok = hintsd.load_model(a.model, "cpu", dtype)
@@ -229,24 +242,26 @@ def main():
         return follow(model, tok, trajs, tasks_by_id)
     rows = []
     for name in a.settings:
-        style, temp, top_p, tokens, parser, forced, tool_pick = SETTINGS[name]
-        cfg = hintsd.AnalyzerConfig("policy", style, parser, tokens, temp, top_p, forced=forced, tool_pick=tool_pick)
+        source, style, temp, top_p, tokens, parser, forced, tool_pick = SETTINGS[name]
+        cfg = hintsd.AnalyzerConfig(source, style, parser, tokens, temp, top_p, forced=forced, tool_pick=tool_pick)
         t0 = time.perf_counter()
         h = hintsd.select_targets(model, tok, trajs, cfg, "multi", "bfcl", {}, tasks_by_id, "json", "friendly",
                                   a.seed, external)
         seconds = time.perf_counter() - t0
         per = [[tg for tg in h.targets if tg.traj == i] for i in range(len(trajs))]
-        firsts = [p[0] for p in per if p]
         executable, line = None, ""
         if a.verify:  # replay verification of every target: "executable" is that of the first ones
             t0 = time.perf_counter()
             kept, dropped = hintsd.verify_targets(model, tok, trajs, h.targets, None, tasks_by_id, 64, "json",
-                                                  "friendly", 3)
+                                                  "friendly", 3, a.verify_samples, a.seed)
             verify_s = time.perf_counter() - t0
-            ok = {id(tg) for tg in kept}
-            executable = [id(tg) in ok for tg in firsts]
-            after = score(trajs, [[tg for tg in p if id(tg) in ok] for p in per], oracle, None)
+            per_kept = after_replay(per, kept)
+            executable = [bool(pk) and pk[0].step == p[0].step for p, pk in zip(per, per_kept) if p]
+            after = score(trajs, per_kept, oracle, None)
             line = f"; verification {verify_s:.0f} s kept {len(kept)}, dropped {dropped}; after it: {fmt(after)}"
+            for tg in kept:  # what replay kept: the oracle's function, and the feedback's end (a sampled try's quote)
+                print(f"  kept {trajs[tg.traj].task_id} step {tg.step + 1} (oracle: {oracle[tg.traj][1]}): "
+                      f"{tg.feedback[-160:]!r}")
         first_scores = score(trajs, per, oracle, executable)
         rows.append((name, first_scores, seconds, len(h.targets)))
         if a.verify:

@@ -103,6 +103,18 @@ def test_analyzer_bench_scores_the_right_call_not_the_quoted_wrong_one():
     assert analyzer.oracle_of(task, []) == (None, None)
 
 
+def test_analyzer_bench_counts_a_target_rescued_by_a_sampled_try_as_kept():
+    """bench/analyzer.py's after_replay: verify_targets returns a target rescued by a sampled try as a new Target whose
+    feedback quotes the try; the bench keeps it in its rollout's place, quote and all. Before, kept targets were
+    matched by identity, so with --verify-samples every rescued target was scored as dropped."""
+    from bench import analyzer
+    per = [[hintsd.Target(0, 1, "a"), hintsd.Target(0, 2, "b")], [], [hintsd.Target(2, 0, "c")]]
+    rescued = hintsd.Target(0, 2, "b" + hintsd.VERIFIED + '{"name": "cd", "arguments": {"folder": "x"}}')
+    after = analyzer.after_replay(per, [per[2][0], rescued])
+    assert after == [[rescued], [], [per[2][0]]]
+    assert after[0][0].feedback.endswith('"cd", "arguments": {"folder": "x"}}')
+
+
 def test_learn_logs_the_wall_time_of_a_call_stopped_by_kill(tmp_path, monkeypatch):
     """bench/learn.py: a call stopped by kill (SIGTERM) still appends its minutes to minutes.txt, which the summary
     sums over calls; before, a stopped call left no record. The kill lands during the step-0 evaluation."""
