@@ -8,7 +8,7 @@
     python bench/analyzer.py --follow             # would the teacher call the right tool if told it? (~5 min)
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
     python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick (~50 min)
-    python bench/analyzer.py --settings env --verify-samples 4   # the environment's error text, replay-verified
+    python bench/analyzer.py --settings env --verify-samples 4   # env's error text, replay-verified (~23 min)
 
 The rollouts: failed first-turn rollouts (--turns 1) of the embedded 0.5B on 12 BFCL train tasks, sampled once with
 the cpu preset's rollout settings (friendly protocol, 4 rollouts a task at temperature 0.6, 3 env steps, 64 new
