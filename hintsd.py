@@ -548,7 +548,7 @@ def generate(model, tok, prompt_ids_: list[list[int]], max_new_tokens: int = 128
 
 
 # ----------------------------------------------------------------------------- 4. the learning signal: HINT-SD first
-FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "oracle", "external")
+FEEDBACK_SOURCES = ("ema", "policy", "initial", "env", "blank", "oracle", "external")
 
 @dataclass
 class Target:
@@ -620,8 +620,8 @@ def select_targets(model, tok, trajs: list[Trajectory], cfg: AnalyzerConfig, var
     k = 1 if variant == "single" else 3
     failed = [i for i, t in enumerate(trajs) if t.reward < 1.0 and t.steps]
     answers = []
-    if cfg.source == "env":
-        picks = [prompts.env_feedback(trajs[i], k) for i in failed]
+    if cfg.source in ("env", "blank"):  # blank: env's steps, feedback without content (a control)
+        picks = [prompts.env_feedback(trajs[i], k, blank=cfg.source == "blank") for i in failed]
     elif cfg.source == "oracle":
         picks = [envs.oracle_feedback(tasks_by_id[trajs[i].task_id], [(s.turn, s.text) for s in trajs[i].steps],
                                       action_format, protocol)[:k] for i in failed]
@@ -1433,9 +1433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single: the analyzer's first failing step; multi: up to 3 steps per failed rollout")
     g.add_argument("--feedback", default="ema", choices=FEEDBACK_SOURCES,
                    help="who writes the hindsight: the EMA teacher, the current policy, the frozen initial policy, "
-                        "raw environment output (no analyzer), the BFCL ground-truth oracle, or an external "
-                        "analyzer (--analyzer-model / --analyzer-url); openclaw's judge runs with the ema, policy "
-                        "or initial weights")
+                        "raw environment output (no analyzer), env's steps with feedback that says nothing (blank: "
+                        "a control), the BFCL ground-truth oracle, or an external analyzer (--analyzer-model / "
+                        "--analyzer-url); openclaw's judge runs with the ema, policy or initial weights")
     g.add_argument("--teacher", default="ema", choices=["ema", "policy"],
                    help="weights of the feedback-conditioned teacher: EMA copy or the current policy")
     g.add_argument("--sft-data", metavar="FILE", help="sft: extra trajectories, JSONL of {task_id, actions} or "

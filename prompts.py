@@ -583,12 +583,17 @@ def step_requests(t) -> list[str]:
     return [requests.get(s.turn, "") for s in t.steps]
 
 
-def env_feedback(t, k: int) -> list[tuple[int, str]]:
+BLANK_FEEDBACK = "Your previous attempt at this step did not lead to success."
+
+
+def env_feedback(t, k: int, blank: bool = False) -> list[tuple[int, str]]:
     """Table-3 'environment output' source, no analyzer: the first k steps whose output is an error (else the
-    last step), with the raw output as the feedback. Steps are 0-based."""
+    last step), with the raw output as the feedback. Steps are 0-based. blank: the same steps, BLANK_FEEDBACK
+    (the `blank` source: a control that says where, not what)."""
     outs = step_outputs(t)
     errs = [i for i, o in enumerate(outs) if "error" in o.lower()][:k] or [len(outs) - 1]
-    return [(i, f"The environment answered your previous attempt with: {outs[i][:500]}") for i in errs]
+    return [(i, BLANK_FEEDBACK if blank else f"The environment answered your previous attempt with: {outs[i][:500]}")
+            for i in errs]
 
 
 # ----------------------------------------------------------------------------- the per-step judge (OpenClaw-RL)

@@ -18,6 +18,7 @@ The hindsight sources of Table 3 (HINT-SD Multi, only the source changes):
   hintsd-policy       the current policy as the analyzer (the paper's analyzer)
   hintsd-initial      the frozen initial policy as the analyzer (the paper's analyzer)
   hintsd-env          no analyzer: the raw environment output of the first failing steps
+  hintsd-blank        a control: hintsd-env's steps, feedback that says only that the step failed
   hintsd-oracle       the BFCL ground-truth oracle (an upper bound, not self-hindsight)
   hintsd-larger       a larger model as the analyzer (the paper's analyzer): Qwen2.5-Coder-1.5B-Instruct, built by
                       bench/larger_analyzer.py on first use (no ground truth; but not self-hindsight)
@@ -59,6 +60,7 @@ METHODS = {"hintsd-ema": ["--method", "hintsd", "--feedback", "ema", *PAPER_ANAL
            "hintsd-policy": ["--method", "hintsd", "--feedback", "policy", *PAPER_ANALYZER],
            "hintsd-initial": ["--method", "hintsd", "--feedback", "initial", *PAPER_ANALYZER],
            "hintsd-env": ["--method", "hintsd", "--feedback", "env"],
+           "hintsd-blank": ["--method", "hintsd", "--feedback", "blank"],
            "hintsd-oracle": ["--method", "hintsd", "--feedback", "oracle"],
            "hintsd-larger": ["--method", "hintsd", "--feedback", "external", *PAPER_ANALYZER, "--analyzer-model",
                              str(larger_analyzer.DEST)],

@@ -195,6 +195,14 @@ def test_env_feedback_picks_error_steps_with_the_raw_output():
     assert [s for s, _ in prompts.env_feedback(t, 3)] == [1, 2]
     clean = hintsd.Trajectory("x", "c", [], steps=t.steps[:1])
     assert [s for s, _ in prompts.env_feedback(clean, 3)] == [0]  # no error: the last step
+    assert prompts.env_feedback(t, 3, blank=True) == [(1, prompts.BLANK_FEEDBACK), (2, prompts.BLANK_FEEDBACK)]
+    for source, variant, feedback in [("env", "single", ['The environment answered your previous attempt with: '
+                                                         '{"error": "No such file"}']),
+                                      ("blank", "multi", [prompts.BLANK_FEEDBACK] * 2)]:  # the control: where, not what
+        h = hintsd.select_targets(None, None, [clean, t], hintsd.AnalyzerConfig(source=source), variant, "bfcl", {},
+                                  {}, "json", "friendly", 0)
+        assert [(tg.traj, tg.step) for tg in h.targets] == [(0, 0), (1, 1), (1, 2)][:3 if variant == "multi" else 2]
+        assert [tg.feedback for tg in h.targets][1:] == feedback
 
 
 def test_full_finetuning_flag_trains_every_weight(tiny_qwen, tmp_path):
