@@ -592,8 +592,14 @@ def env_feedback(t, k: int, blank: bool = False) -> list[tuple[int, str]]:
     (the `blank` source: a control that says where, not what)."""
     outs = step_outputs(t)
     errs = [i for i, o in enumerate(outs) if "error" in o.lower()][:k] or [len(outs) - 1]
-    return [(i, BLANK_FEEDBACK if blank else f"The environment answered your previous attempt with: {outs[i][:500]}")
-            for i in errs]
+    return [(i, BLANK_FEEDBACK if blank else env_answer(t.steps[i])) for i in errs]
+
+
+def env_answer(s) -> str:
+    """The `env` source's feedback on one step: the environment's raw answer (its first 500 characters)."""
+    if not s.output:  # BFCL: an action without a call that ended the episode, so nothing came back
+        return "Your previous attempt at this step called no tool, and the task ended there without success."
+    return f"The environment answered your previous attempt with: {output_text(s)[:500] or '(no output)'}"
 
 
 # ----------------------------------------------------------------------------- the per-step judge (OpenClaw-RL)

@@ -195,6 +195,9 @@ def test_env_feedback_picks_error_steps_with_the_raw_output():
     assert [s for s, _ in prompts.env_feedback(t, 3)] == [1, 2]
     clean = hintsd.Trajectory("x", "c", [], steps=t.steps[:1])
     assert [s for s, _ in prompts.env_feedback(clean, 3)] == [0]  # no error: the last step
+    ended = hintsd.Trajectory("x", "c", [], steps=[t.steps[0], t.steps[3]])  # a text answer ended the episode
+    assert prompts.env_feedback(ended, 1) == [(1, "Your previous attempt at this step called no tool, and the task "
+                                                  "ended there without success.")]
     assert prompts.env_feedback(t, 3, blank=True) == [(1, prompts.BLANK_FEEDBACK), (2, prompts.BLANK_FEEDBACK)]
     for source, variant, feedback in [("env", "single", ['The environment answered your previous attempt with: '
                                                          '{"error": "No such file"}']),
