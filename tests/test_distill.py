@@ -198,6 +198,8 @@ def test_env_feedback_picks_error_steps_with_the_raw_output():
     ended = hintsd.Trajectory("x", "c", [], steps=[t.steps[0], t.steps[3]])  # a text answer ended the episode
     assert prompts.env_feedback(ended, 1) == [(1, "Your previous attempt at this step called no tool, and the task "
                                                   "ended there without success.")]
+    silent = hintsd.Step(0, 0, 0, 0, "a", [], [{"role": "tool", "content": ""}])  # AppWorld code printing nothing
+    assert prompts.env_answer(silent) == "The environment answered your previous attempt with: (no output)"
     assert prompts.env_feedback(t, 3, blank=True) == [(1, prompts.BLANK_FEEDBACK), (2, prompts.BLANK_FEEDBACK)]
     for source, variant, feedback in [("env", "single", ['The environment answered your previous attempt with: '
                                                          '{"error": "No such file"}']),
