@@ -248,8 +248,15 @@ def _check_call(name, args):
 
 
 def _call_from_obj(obj):
+    """A call object -> (name, args). No "arguments" (or "parameters") key means no arguments, unless the object
+    has another key: then the arguments may be under a misspelt key (' arguments', 'args'), which would otherwise be
+    dropped silently and the call run without them."""
     if not isinstance(obj, dict) or "name" not in obj:
         raise ValueError('expected {"name": ..., "arguments": {...}}')
+    other = sorted(set(obj) - {"name", "arguments", "parameters"})
+    if other and "arguments" not in obj and "parameters" not in obj:
+        raise ValueError(f'no "arguments" key, and unknown keys {other}: '
+                         'expected {"name": ..., "arguments": {...}}')
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         args = json.loads(args) if args.strip() else {}

@@ -169,7 +169,8 @@ MALFORMED = {
              '<tool_call>{"name": "ls", "arguments": {"bogus": 1}}</tool_call>',
              '<tool_call>{"name": "ls", "arguments": {"a": tru</tool_call>',
              '<tool_call>{"name": "ls", "arguments": {"a=1),__import__(\'os\').system(\'x\'),ls(a": 1}}</tool_call>',
-             '<tool_call>["ls"]</tool_call>'],
+             '<tool_call>["ls"]</tool_call>',
+             '{"name": "ls", " arguments": {"a": true}}'],  # a misspelt key: not run as ls() without its arguments
     "python": ['[os.system("x")]', '[ls(a=__import__("os"))]', "[ls(True)]", "[ls(a=True",
                "[ls(**{'a': True})]", "[nope(a=1)]", "[ls(bogus=1)]", "[x for x in ls()]"],
 }
