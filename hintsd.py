@@ -2285,7 +2285,7 @@ def decoder(model, cuda_graphs: bool):
 # ----------------------------------------------------------------------------- 18. models
 def default_dtype(device: str) -> torch.dtype:
     """bf16 on CUDA and on CPUs with AMX or AVX512-BF16 (an update 2-3x faster: bench/step.py); float32 on other
-    CPUs, which emulate bf16 matmuls (about 5x slower)."""
+    CPUs, which emulate bf16 matmuls (an AVX2 EPYC: a prefill 6.8x slower in bf16, bench/generate.py)."""
     if str(device).startswith("cuda"):
         return torch.bfloat16
     fast = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))

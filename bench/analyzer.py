@@ -6,6 +6,7 @@
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
     python bench/analyzer.py --follow             # would the teacher call the right tool if told it? (~5 min)
+    python bench/analyzer.py --judge --verify-samples 8   # could the policy pick the right call among those that run?
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
     python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick (~50 min)
     python bench/analyzer.py --settings env --verify-samples 4   # env's error text, replay-verified (~23 min)
@@ -36,6 +37,11 @@ content-free prior against the model's preference for some names whatever the re
 if its call were restricted to the real tools).
 --follow asks the other half: at the oracle's step, does the teacher (the initial policy, greedy) call the oracle's
 function with no feedback, with that tool's name as the feedback, with the oracle's own feedback (see follow()).
+--judge asks whether the policy could pick, among the corrections that pass replay, the right one (replay tells a call
+that runs from one that fails, not a right call from a wrong one): at the oracle's step, the oracle's right call
+stands beside the teacher's tries (env's feedback in view, greedy and --verify-samples - 1 sampled) that pass replay
+and call another function, and the policy, as the OpenClaw judge (prompts.judge_messages: the request, the call,
+what the environment answered), scores each by log p(1) - log p(-1) after '{"score": ' (see judge()).
 """
 import argparse
 import json
@@ -182,6 +188,66 @@ def follow(model, tok, trajs, tasks_by_id) -> None:
         print(f"| {k} | {calls[k]} ({100 * calls[k] / n:.0f}%) | {replays[k]} ({100 * replays[k] / n:.0f}%) |")
 
 
+def judge(model, tok, trajs, tasks_by_id, samples: int, seed: int) -> None:
+    """The --judge probe: at the oracle's step of each rollout, the oracle's right call and the teacher's tries that
+    pass replay but call another function (candidates that "merely run"), each executed after the rollout's earlier
+    actions and scored by the policy as a judge; how often the right call scores highest, against chance (1 / the
+    number of candidates). "calibrated": each score minus the same judge's score with the request blanked."""
+    rows = []
+    for i, t in enumerate(trajs):
+        found = envs.oracle_feedback(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps], "json", "friendly")
+        fn = right_function(found[0][1]) if found else None
+        if fn:
+            rows.append((i, found[0][0] - 1, fn, found[0][1].partition("The right call is:")[2].strip()))
+    ctxs = [hintsd.teacher_view(tok, trajs[i], hintsd.Target(i, step, prompts.env_answer(trajs[i].steps[step])),
+                                trajs[i].steps[step].start) for i, step, _, _ in rows]
+    tries = [[g] for g in hintsd.teacher_actions(model, tok, ctxs, 0.0)]
+    if samples > 1:
+        sampled = hintsd.teacher_actions(model, tok, [c for c in ctxs for _ in range(samples - 1)], 1.0, seed=seed)
+        tries = [g + sampled[r * (samples - 1):(r + 1) * (samples - 1)] for r, g in enumerate(tries)]
+    one, minus = prompts.encode(tok, "1"), prompts.encode(tok, "-1")
+    n = raw = cal = 0
+    chance = 0.0
+    for (i, step, fn, right), acts in zip(tqdm(rows, "judge"), tries):
+        t, task = trajs[i], tasks_by_id[trajs[i].task_id]
+        earlier = [s.text for s in t.steps[:step]]
+        wrong = []
+        for a in dict.fromkeys(acts):  # the distinct tries that run and call another function
+            names = [c for c, _ in envs.parse_calls(a, "json", "friendly")[0]]
+            if names and fn not in names and not envs.correction_problem(task, earlier, a, "", "json", 3):
+                wrong.append(a)
+        if not wrong or envs.correction_problem(task, earlier, right, "", "json", 3):
+            continue  # nothing to choose between (or the right call itself does not run here)
+        cands = [right] + wrong
+        request = prompts.step_requests(t)[step]
+        views = [prompts.prompt_ids(tok, prompts.judge_messages(req, a, answer(task, earlier, a)), None)[0] +
+                 prompts.encode(tok, '{"score": ') for req in (request, "") for a in cands]
+        lp = hintsd.name_logprobs(model, views, [one, minus])
+        margin = (lp[:, 0] - lp[:, 1]).view(2, len(cands))
+        n, chance = n + 1, chance + 1 / len(cands)
+        raw += int(margin[0].argmax()) == 0
+        cal += int((margin[0] - margin[1]).argmax()) == 0
+        print(f"  {t.task_id} step {step + 1}: " + "; ".join(
+            f"{name_of(a)} {m:+.2f}/{m - m0:+.2f}" for a, m, m0 in zip(cands, *margin.tolist())), flush=True)
+    n1 = max(n, 1)
+    print(f"\n{len(rows)} rollouts where the oracle names a function; {n} with a try that runs and calls another one")
+    print(f"the right call scored highest: raw {raw} ({100 * raw / n1:.0f}%), calibrated {cal} ({100 * cal / n1:.0f}%);"
+          f" chance {100 * chance / n1:.0f}%")
+
+
+def answer(task, earlier: list[str], action: str) -> str:
+    """What the environment answers action after the rollout's earlier actions (replayed; no model call)."""
+    env = envs.make_env(task, "json", 3, "friendly")
+    env.reset()
+    for a in earlier:
+        env.step(a)
+    return "\n".join(str(m.get("content", "")) for m in env.step(action))
+
+
+def name_of(action: str) -> str:
+    return ",".join(c for c, _ in envs.parse_calls(action, "json", "friendly")[0])
+
+
 def after_replay(per: list[list], kept: list) -> list[list]:
     """per[i]: rollout i's targets; kept: those verify_targets kept, where a target rescued by a sampled try is a new
     Target (its feedback quotes the try) -> rollout i's kept targets, in per's order, as kept (quote and all)."""
@@ -219,11 +285,14 @@ def main():
                     help="only the tool-choice probe: the best-scored name of the tool list against the oracle's")
     ap.add_argument("--follow", action="store_true",
                     help="only the follow probe: does the teacher call the right tool when the feedback names it?")
+    ap.add_argument("--judge", action="store_true",
+                    help="only the judge probe: does the policy, as a judge, score the right call above tries "
+                         "that run but call another function? (--verify-samples N: N tries a rollout)")
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="also replay-verify every target (the executable column and the +verify rows; slow)")
     ap.add_argument("--verify-samples", type=int, default=1,
                     help="with --verify: a target whose greedy correction fails gets N - 1 sampled tries "
-                         "(hintsd's --verify-samples)")
+                         "(hintsd's --verify-samples); with --judge: the tries a rollout, greedy and N - 1 sampled")
     a = ap.parse_args()
     dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
     model, tok = hintsd.load_model(a.model, "cpu", dtype)
@@ -240,6 +309,8 @@ def main():
         return tool_choice(model, tok, trajs, oracle, external)
     if a.follow:
         return follow(model, tok, trajs, tasks_by_id)
+    if a.judge:
+        return judge(model, tok, trajs, tasks_by_id, a.verify_samples, a.seed)
     rows = []
     for name in a.settings:
         source, style, temp, top_p, tokens, parser, forced, tool_pick = SETTINGS[name]

@@ -471,3 +471,36 @@ def test_follow_probe_scores_three_teacher_actions_per_rollout(policy, trajs, ca
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| none", "| name", "| oracle"))]
     assert [r[0] for r in rows] == ["| none", "| name", "| oracle"]
     assert all(0 <= int(c.split()[0]) <= len(named) for r in rows for c in r[1:])
+
+
+def test_judge_probe_ranks_the_right_call_among_tries_that_run(policy, trajs, capsys, monkeypatch):
+    """bench/analyzer.py --judge: at the oracle's step, the oracle's right call beside the tries that pass replay and
+    call another function, each run through the real environment and scored by the policy as the judge; a printed
+    score equals log p(1) - log p(-1) from a plain forward of the judge's chat."""
+    from bench import analyzer
+    model, tok = policy
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
+    pwd = '<tool_call>\n{"name": "pwd", "arguments": {}}\n</tool_call>'  # runs anywhere in the file system
+    monkeypatch.setattr(hintsd, "teacher_actions", lambda m, t, ctxs, *a, **k: [pwd] * len(ctxs))
+    analyzer.judge(model, tok, trajs, tasks_by_id, samples=2, seed=0)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("  multi_turn")]
+    assert f"{len(trajs)} rollouts where the oracle names a function; {len(rows)} with a try" in out
+    assert rows and "the right call scored highest" in out
+    t = trajs[0]
+    found = envs.oracle_feedback(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps], "json", "friendly")
+    step, right = found[0][0] - 1, found[0][1].partition("The right call is:")[2].strip()
+    earlier = [s.text for s in t.steps[:step]]
+    assert '"current_working_directory"' in analyzer.answer(tasks_by_id[t.task_id], earlier, pwd)
+    chat = prompts.judge_messages(prompts.step_requests(t)[step], right,
+                                  analyzer.answer(tasks_by_id[t.task_id], earlier, right))
+    view = prompts.prompt_ids(tok, chat, None)[0] + prompts.encode(tok, '{"score": ')
+    lp = []
+    for tail in (prompts.encode(tok, "1"), prompts.encode(tok, "-1")):
+        with torch.no_grad():
+            logits = model(torch.tensor([view + tail])).logits[0, len(view) - 1:-1].float().log_softmax(-1)
+        lp.append(logits.gather(1, torch.tensor(tail)[:, None]).sum().item())
+    first = rows[0].split(": ", 1)[1].split("; ")
+    name, scores = first[0].rsplit(" ", 1)
+    assert name == analyzer.right_function(found[0][1]) and first[1].startswith("pwd ")
+    assert float(scores.split("/")[0]) == pytest.approx(lp[0] - lp[1], abs=0.006)
