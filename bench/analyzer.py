@@ -6,7 +6,8 @@
     python bench/analyzer.py --make               # sample that file again (the embedded model; about an hour)
     python bench/analyzer.py --tool-choice        # could the analyzer pick the right tool from the list? (~15 min)
     python bench/analyzer.py --follow             # would the teacher call the right tool if told it? (~5 min)
-    python bench/analyzer.py --judge --verify-samples 8   # could the policy pick the right call among those that run?
+    python bench/analyzer.py --judge --verify-samples 4   # would the policy pick the right call among those that
+                                                          # run? (~18 min in float32)
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
     python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick (~50 min)
     python bench/analyzer.py --settings env --verify-samples 4   # env's error text, replay-verified (~23 min)
