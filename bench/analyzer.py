@@ -111,6 +111,18 @@ def right_function(text: str) -> str | None:
     return name[1] if name else None
 
 
+def oracle_rows(trajs, tasks_by_id) -> list[tuple[int, int, str, str]]:
+    """(rollout index, the oracle's first wrong step, 0-based, the function of its right call, its feedback text)
+    for each rollout whose oracle feedback names a function (the --follow and --judge probes' rows)."""
+    rows = []
+    for i, t in enumerate(trajs):
+        found = envs.oracle_feedback(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps], "json", "friendly")
+        fn = right_function(found[0][1]) if found else None
+        if fn:
+            rows.append((i, found[0][0] - 1, fn, found[0][1]))
+    return rows
+
+
 def tool_scores(model, tok, ids: list[int], names: list[str]) -> dict[str, float]:
     """Each name's log-probability (name and closing quote) as the continuation of ids (one packed forward)."""
     logp = hintsd.name_logprobs(model, [ids], [prompts.encode(tok, n + '"') for n in names])[0]
@@ -157,12 +169,7 @@ def follow(model, tok, trajs, tasks_by_id) -> None:
     with no feedback (the student's own greedy action), with the right tool's name only (what a perfect tool pick
     would give: 'The agent should call the tool "<fn>".'), with the oracle's feedback (the right call, arguments
     and all). Each is scored: it calls the oracle's function; it passes replay (envs.correction_problem)."""
-    rows, keys = [], ("none", "name", "oracle")
-    for i, t in enumerate(trajs):
-        found = envs.oracle_feedback(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps], "json", "friendly")
-        fn = right_function(found[0][1]) if found else None
-        if fn:
-            rows.append((i, found[0][0] - 1, fn, found[0][1]))
+    rows, keys = oracle_rows(trajs, tasks_by_id), ("none", "name", "oracle")
     ctxs = []
     for i, step, fn, oracle_text in rows:
         t = trajs[i]
@@ -194,12 +201,8 @@ def judge(model, tok, trajs, tasks_by_id, samples: int, seed: int) -> None:
     pass replay but call another function (candidates that "merely run"), each executed after the rollout's earlier
     actions and scored by the policy as a judge; how often the right call scores highest, against chance (1 / the
     number of candidates). "calibrated": each score minus the same judge's score with the request blanked."""
-    rows = []
-    for i, t in enumerate(trajs):
-        found = envs.oracle_feedback(tasks_by_id[t.task_id], [(s.turn, s.text) for s in t.steps], "json", "friendly")
-        fn = right_function(found[0][1]) if found else None
-        if fn:
-            rows.append((i, found[0][0] - 1, fn, found[0][1].partition("The right call is:")[2].strip()))
+    rows = [(i, step, fn, text.partition("The right call is:")[2].strip())
+            for i, step, fn, text in oracle_rows(trajs, tasks_by_id)]
     ctxs = [hintsd.teacher_view(tok, trajs[i], hintsd.Target(i, step, prompts.env_answer(trajs[i].steps[step])),
                                 trajs[i].steps[step].start) for i, step, _, _ in rows]
     tries = [[g] for g in hintsd.teacher_actions(model, tok, ctxs, 0.0)]
