@@ -8,6 +8,8 @@
     python bench/analyzer.py --follow             # would the teacher call the right tool if told it? (~5 min)
     python bench/analyzer.py --judge --verify-samples 4   # would the policy pick the right call among those that
                                                           # run? (~18 min in float32)
+    python bench/analyzer.py --judge --verify-samples 16  # the same, and is the right call among 16 tries at all?
+                                                          # (~1 hour in float32)
     python bench/analyzer.py --no-verify --analyzer-model DIR   # a larger analyzer (bench/larger_analyzer.py)
     python bench/analyzer.py --no-verify --settings authors+forced+tool --analyzer-model DIR   # its tool pick (~50 min)
     python bench/analyzer.py --settings env --verify-samples 4   # env's error text, replay-verified (~23 min)
@@ -42,7 +44,9 @@ function with no feedback, with that tool's name as the feedback, with the oracl
 that runs from one that fails, not a right call from a wrong one): at the oracle's step, the oracle's right call
 stands beside the teacher's tries (env's feedback in view, greedy and --verify-samples - 1 sampled) that pass replay
 and call another function, and the policy, as the OpenClaw judge (prompts.judge_messages: the request, the call,
-what the environment answered), scores each by log p(1) - log p(-1) after '{"score": ' (see judge()).
+what the environment answered), scores each by log p(1) - log p(-1) after '{"score": ' (see judge()). It first
+prints the coverage of the tries: per k, the rollouts where one of the first k tries calls the oracle's function (and
+one also runs), the most that any pick among the policy's own tries could find (see coverage()).
 """
 import argparse
 import json
@@ -209,6 +213,7 @@ def judge(model, tok, trajs, tasks_by_id, samples: int, seed: int) -> None:
     if samples > 1:
         sampled = hintsd.teacher_actions(model, tok, [c for c in ctxs for _ in range(samples - 1)], 1.0, seed=seed)
         tries = [g + sampled[r * (samples - 1):(r + 1) * (samples - 1)] for r, g in enumerate(tries)]
+    coverage(rows, tries, trajs, tasks_by_id)
     one, minus = prompts.encode(tok, "1"), prompts.encode(tok, "-1")
     n = raw = cal = 0
     chance = 0.0
@@ -237,6 +242,29 @@ def judge(model, tok, trajs, tasks_by_id, samples: int, seed: int) -> None:
     print(f"\n{len(rows)} rollouts where the oracle names a function; {n} with a try that runs and calls another one")
     print(f"the right call scored highest: raw {raw} ({100 * raw / n1:.0f}%), calibrated {cal} ({100 * cal / n1:.0f}%);"
           f" chance {100 * chance / n1:.0f}%")
+
+
+def coverage(rows, tries: list[list[str]], trajs, tasks_by_id) -> None:
+    """Is the right call among the policy's own tries at all? Per k (1, 2, 4, ... up to the tries a rollout: the
+    greedy one, then the sampled ones in order), the rollouts where one of the first k tries calls the oracle's
+    function, and where one also passes replay (parses, runs, no error): the most that any pick among the tries
+    (replay, a judge) could find, whatever does the picking. rows: oracle_rows' (rollout, step, function, ...)."""
+    first = []  # per row: the index of the first try that calls the function, of the first that also runs
+    for (i, step, fn, *_), acts in zip(rows, tries):
+        task, earlier = tasks_by_id[trajs[i].task_id], [s.text for s in trajs[i].steps[:step]]
+        calls = [fn in name_of(a).split(",") for a in acts]
+        runs = [c and envs.correction_problem(task, earlier, a, "", "json", 3) is None for c, a in zip(calls, acts)]
+        first.append((calls.index(True) if any(calls) else None, runs.index(True) if any(runs) else None))
+    n = len(tries[0]) if tries else 0
+    ks = sorted({min(2 ** e, n) for e in range(n.bit_length() + 1)} - {0})
+    print(f"\nthe right function among the first k tries, of {len(rows)} rollouts (calls it / also runs): " + "; ".join(
+        f"k={k}: {sum(c is not None and c < k for c, _ in first)} / {sum(r is not None and r < k for _, r in first)}"
+        for k in ks))
+    by_task = {}
+    for (i, *_), (c, r) in zip(rows, first):
+        by_task.setdefault(trajs[i].task_id, []).append((c is not None, r is not None))
+    print(f"per task, all {n} tries: " + "; ".join(f"{task.removeprefix('multi_turn_')} {sum(c for c, _ in v)}/"
+                                                   f"{sum(r for _, r in v)} of {len(v)}" for task, v in by_task.items()))
 
 
 def answer(task, earlier: list[str], action: str) -> str:

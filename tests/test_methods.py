@@ -504,3 +504,25 @@ def test_judge_probe_ranks_the_right_call_among_tries_that_run(policy, trajs, ca
     name, scores = first[0].rsplit(" ", 1)
     assert name == analyzer.right_function(found[0][1]) and first[1].startswith("pwd ")
     assert float(scores.split("/")[0]) == pytest.approx(lp[0] - lp[1], abs=0.006)
+
+
+def test_coverage_counts_the_right_function_among_the_first_k_tries(trajs, capsys):
+    """bench/analyzer.py's coverage (printed by --judge): per k, the rollouts where one of the first k tries calls the
+    oracle's function, and where one also runs; a call of it with an argument it does not take counts as a call that
+    does not run, and a try after the k-th is not counted."""
+    from bench import analyzer
+    tasks_by_id = {t["id"]: t for t in envs.load_tasks("bfcl", "train")}
+    rows = analyzer.oracle_rows(trajs, tasks_by_id)
+    assert rows and all(fn != "pwd" for _, _, fn, _ in rows)
+    call = '<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>'
+    tries = []
+    for i, step, fn, text in rows:
+        right = text.partition("The right call is:")[2].strip()
+        tries.append([call % ("pwd", "{}"), call % (fn, '{"no_such_argument": 1}'), right])
+        earlier = [s.text for s in trajs[i].steps[:step]]
+        assert envs.correction_problem(tasks_by_id[trajs[i].task_id], earlier, right, "", "json", 3) is None
+    analyzer.coverage(rows, tries, trajs, tasks_by_id)
+    out = capsys.readouterr().out
+    n = len(rows)
+    assert f"of {n} rollouts (calls it / also runs): k=1: 0 / 0; k=2: {n} / 0; k=3: {n} / {n}\n" in out
+    assert f"per task, all 3 tries: {trajs[0].task_id.removeprefix('multi_turn_')} {n}/{n} of {n}" in out
