@@ -187,8 +187,7 @@ def follow(model, tok, trajs, tasks_by_id) -> None:
         t, three = trajs[i], acts[3 * r:3 * r + 3]
         task, earlier = tasks_by_id[t.task_id], [s.text for s in t.steps[:step]]
         for k, a in zip(keys, three):
-            names = [c for c, _ in envs.parse_calls(a, "json", "friendly")[0]]
-            calls[k] += fn in names
+            calls[k] += fn in called(a)
             replays[k] += envs.correction_problem(task, earlier, a, t.steps[step].text, "json", 3) is None
         print(f"  {t.task_id} step {step + 1}: oracle {fn}; " +
               "; ".join(f"{k}: {a[:90]!r}" for k, a in zip(keys, three)), flush=True)
@@ -222,7 +221,7 @@ def judge(model, tok, trajs, tasks_by_id, samples: int, seed: int) -> None:
         earlier = [s.text for s in t.steps[:step]]
         wrong = []
         for a in dict.fromkeys(acts):  # the distinct tries that run and call another function
-            names = [c for c, _ in envs.parse_calls(a, "json", "friendly")[0]]
+            names = called(a)
             if names and fn not in names and not envs.correction_problem(task, earlier, a, "", "json", 3):
                 wrong.append(a)
         if not wrong or envs.correction_problem(task, earlier, right, "", "json", 3):
@@ -237,7 +236,7 @@ def judge(model, tok, trajs, tasks_by_id, samples: int, seed: int) -> None:
         raw += int(margin[0].argmax()) == 0
         cal += int((margin[0] - margin[1]).argmax()) == 0
         print(f"  {t.task_id} step {step + 1}: " + "; ".join(
-            f"{name_of(a)} {m:+.2f}/{m - m0:+.2f}" for a, m, m0 in zip(cands, *margin.tolist())), flush=True)
+            f"{','.join(called(a))} {m:+.2f}/{m - m0:+.2f}" for a, m, m0 in zip(cands, *margin.tolist())), flush=True)
     n1 = max(n, 1)
     print(f"\n{len(rows)} rollouts where the oracle names a function; {n} with a try that runs and calls another one")
     print(f"the right call scored highest: raw {raw} ({100 * raw / n1:.0f}%), calibrated {cal} ({100 * cal / n1:.0f}%);"
@@ -252,7 +251,7 @@ def coverage(rows, tries: list[list[str]], trajs, tasks_by_id) -> None:
     first = []  # per row: the index of the first try that calls the function, of the first that also runs
     for (i, step, fn, *_), acts in zip(rows, tries):
         task, earlier = tasks_by_id[trajs[i].task_id], [s.text for s in trajs[i].steps[:step]]
-        calls = [fn in name_of(a).split(",") for a in acts]
+        calls = [fn in called(a) for a in acts]
         runs = [c and envs.correction_problem(task, earlier, a, "", "json", 3) is None for c, a in zip(calls, acts)]
         first.append((calls.index(True) if any(calls) else None, runs.index(True) if any(runs) else None))
     n = len(tries[0]) if tries else 0
@@ -276,8 +275,9 @@ def answer(task, earlier: list[str], action: str) -> str:
     return "\n".join(str(m.get("content", "")) for m in env.step(action))
 
 
-def name_of(action: str) -> str:
-    return ",".join(c for c, _ in envs.parse_calls(action, "json", "friendly")[0])
+def called(action: str) -> list[str]:
+    """The functions an action calls, in order (none if it does not parse)."""
+    return [c for c, _ in envs.parse_calls(action, "json", "friendly")[0]]
 
 
 def after_replay(per: list[list], kept: list) -> list[list]:
